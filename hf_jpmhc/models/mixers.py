@@ -1,0 +1,548 @@
+"""The residual mixers: maps from unconstrained logits θ to an n×n matrix H on a manifold (SPEC §2).
+
+Every mixer is a parameter-free ``nn.Module`` (its constant bases live in non-persistent buffers, so they
+follow ``.to(device)``) with
+
+* ``num_logits``    — r, the number of free logits for its ``n``;
+* ``forward(θ)``    — θ ``[..., r]`` → H ``[..., n, n]``, computed in float32 (or float64 when θ is);
+* ``init_logits()`` — the logits whose H is the identity, or the closest the manifold allows; the
+  hyper-connection starts its static bias there.
+
+The hyper-connection applies H transposed: ``X' = Hᵀ X + post ⊗ f`` (see ``hyper_connection.py``).
+
+Notation: n streams; J = 11ᵀ/n; U_z the n×(n−1) Helmert basis of 1⊥; Cayley(A) = (I − A/2)⁻¹(I + A/2).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import torch
+from torch import nn
+
+# ----------------------------------------------------------------------------------------------------
+# shared pieces
+# ----------------------------------------------------------------------------------------------------
+
+
+def helmert_basis(n: int) -> torch.Tensor:
+    """Orthonormal basis of 1⊥ ⊂ Rⁿ, shape (n, n−1): column k is (1,…,1, −k, 0,…)/√(k(k+1)) with k ones."""
+    basis = torch.zeros(n, n - 1, dtype=torch.float64)
+    for k in range(1, n):
+        basis[:k, k - 1] = 1.0
+        basis[k, k - 1] = -float(k)
+        basis[:, k - 1] /= math.sqrt(k * (k + 1))
+    return basis
+
+
+def skew_from_logits(theta: torch.Tensor, index: torch.Tensor, m: int) -> torch.Tensor:
+    """Skew-symmetric A (…, m, m) whose strict upper triangle at ``index`` (2, k) holds θ (…, k)."""
+    upper = theta.new_zeros(*theta.shape[:-1], m, m)
+    upper[..., index[0], index[1]] = theta
+    return upper - upper.transpose(-1, -2)
+
+
+def cayley(skew: torch.Tensor) -> torch.Tensor:
+    """Cayley(A) = (I − A/2)⁻¹(I + A/2): exactly orthogonal with det +1 for skew-symmetric A.
+
+    The solve runs in float64: I − A/2 has condition number ≈ ‖A‖/2, so at |θ| ~ 1e4 a float32 solve
+    would lose orthogonality (~1e-3); the matrices are at most a few streams wide, so this is cheap.
+    """
+    a = skew.double() / 2
+    eye = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
+    return torch.linalg.solve(eye - a, eye + a).to(skew.dtype)
+
+
+def _logit(p: float) -> float:
+    """σ⁻¹(p), with p clipped into [1e-4, 1 − 1e-4] so that saturated targets stay finite."""
+    p = min(max(p, 1e-4), 1 - 1e-4)
+    return math.log(p / (1 - p))
+
+
+# How strongly ``init_logits`` leans towards the identity on mixers that can only approach it.
+IDENTITY_LOGIT = 4.0
+
+
+class Mixer(nn.Module):
+    """Base class: subclasses set ``num_logits`` and implement ``forward`` (and ``init_logits``)."""
+
+    name: str
+    num_logits: int
+
+    def __init__(self, num_streams: int):
+        super().__init__()
+        self.num_streams = num_streams
+
+    def init_logits(self) -> torch.Tensor:
+        return torch.zeros(self.num_logits)
+
+    def _eye(self, theta: torch.Tensor) -> torch.Tensor:
+        return torch.eye(self.num_streams, dtype=theta.dtype, device=theta.device)
+
+    def extra_repr(self) -> str:
+        return f"num_streams={self.num_streams}, num_logits={self.num_logits}"
+
+
+# ----------------------------------------------------------------------------------------------------
+# identity and unconstrained (HC)
+# ----------------------------------------------------------------------------------------------------
+
+
+class IdentityMixer(Mixer):
+    """H = I: the plain residual (``num_streams=1`` gives a standard pre-norm transformer)."""
+
+    name = "identity"
+
+    def __init__(self, num_streams: int):
+        super().__init__(num_streams)
+        self.num_logits = 0
+
+    def forward(self, theta: torch.Tensor) -> torch.Tensor:
+        n = self.num_streams
+        return self._eye(theta).expand(*theta.shape[:-1], n, n)
+
+
+class UnconstrainedMixer(Mixer):
+    """H = I + θ (Hyper-Connections, arXiv 2409.19606): no constraint, the gain can explode with depth."""
+
+    name = "unconstrained"
+
+    def __init__(self, num_streams: int):
+        super().__init__(num_streams)
+        self.num_logits = num_streams**2
+
+    def forward(self, theta: torch.Tensor) -> torch.Tensor:
+        n = self.num_streams
+        return self._eye(theta) + theta.unflatten(-1, (n, n))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Sinkhorn (mHC) with unrolled or implicit backward
+# ----------------------------------------------------------------------------------------------------
+
+
+def sinkhorn_iterate(theta: torch.Tensor, iters: int, eps: float = 0.0, newton_steps: int = 0) -> torch.Tensor:
+    """Sinkhorn–Knopp on exp(θ) (…, n, n): ``iters`` rounds of row then column normalisation.
+
+    ``eps = 0`` runs in the log domain (stable for any |θ|), then polishes with ``newton_steps`` Newton
+    steps on the log-scalings (``sinkhorn_newton``): plain SK converges only sublinearly when the target
+    is near a permutation (row error ≈ 1e-1 after 20 rounds at |θ| ≤ 10), Newton reaches float precision.
+    ``eps > 0`` is the probability-domain form of transformers' ``DeepseekV4HyperConnection``
+    (softmax + eps, then ``P / (sum + eps)``), kept so that its checkpoints are reproduced exactly.
+    """
+    if eps == 0.0:
+        log_p = theta
+        for _ in range(iters):
+            log_p = log_p - log_p.logsumexp(-1, keepdim=True)
+            log_p = log_p - log_p.logsumexp(-2, keepdim=True)
+        if newton_steps:
+            log_p = sinkhorn_newton(log_p, newton_steps)
+        return log_p.exp()
+    p = torch.softmax(theta, dim=-1) + eps
+    p = p / (p.sum(-2, keepdim=True) + eps)
+    for _ in range(iters - 1):
+        p = p / (p.sum(-1, keepdim=True) + eps)
+        p = p / (p.sum(-2, keepdim=True) + eps)
+    return p
+
+
+def _scaling_system(p: torch.Tensor, row: torch.Tensor, col: torch.Tensor) -> torch.Tensor:
+    """[[diag(row), P], [Pᵀ, diag(col)]] + vvᵀ + 1e-9·I with v = (1, −1), in P's dtype (float64 here).
+
+    The matrix is the Jacobian of the scaling equations (row = P1, col = Pᵀ1) and, at the fixed point,
+    the adjoint system of the implicit backward. It is singular along v, which changes neither the
+    Newton step's effect nor the gradient; vvᵀ removes that null direction and the ridge keeps
+    near-permutation P, whose extra null directions meet only zero entries of P, solvable.
+    """
+    n = p.shape[-1]
+    top = torch.cat([torch.diag_embed(row), p], dim=-1)
+    bottom = torch.cat([p.transpose(-1, -2), torch.diag_embed(col)], dim=-1)
+    v = torch.cat([torch.ones(n), -torch.ones(n)]).to(p)
+    return torch.cat([top, bottom], dim=-2) + torch.outer(v, v) + 1e-9 * torch.eye(2 * n).to(p)
+
+
+def sinkhorn_newton(log_p: torch.Tensor, steps: int, max_step: float = 2.0) -> torch.Tensor:
+    """Newton's method for log P + f1ᵀ + 1gᵀ with unit row and column sums, in float64.
+
+    Each step solves the scaling Jacobian for (f, g); steps are clipped to ±``max_step`` (damping far from
+    the solution, e.g. at |θ| ~ 1e4) and each ends with an exact column normalisation.
+    """
+    log_p64 = log_p.double()
+    for _ in range(steps):
+        p = log_p64.exp()
+        row, col = p.sum(-1), p.sum(-2)
+        residual = torch.cat([row - 1, col - 1], dim=-1).unsqueeze(-1)
+        step = torch.linalg.solve(_scaling_system(p, row, col), -residual).squeeze(-1).clamp(-max_step, max_step)
+        n = p.shape[-1]
+        log_p64 = log_p64 + step[..., :n, None] + step[..., None, n:]
+        log_p64 = log_p64 - log_p64.logsumexp(-2, keepdim=True)
+    return log_p64.to(log_p.dtype)
+
+
+class SinkhornImplicitFunction(torch.autograd.Function):
+    """P = SK(exp θ) with the implicit-function backward (JPmHC): only P is saved, whatever ``iters``.
+
+    At the fixed point P = exp(θ + α1ᵀ + 1βᵀ) with P1 = 1, Pᵀ1 = 1. Differentiating the constraints gives,
+    for the upstream gradient G,
+
+        [[I, P], [Pᵀ, I]] [a; b] = [(G⊙P)1; (G⊙P)ᵀ1],      ∂L/∂θ = P ⊙ (G − a1ᵀ − 1bᵀ).
+
+    The system (``_scaling_system``) is singular along (1, −1), to which the right-hand side is
+    orthogonal. Exact for the converged map, which the Newton polish in the forward provides.
+    """
+
+    @staticmethod
+    def forward(ctx, theta: torch.Tensor, iters: int, eps: float, newton_steps: int) -> torch.Tensor:
+        p = sinkhorn_iterate(theta, iters, eps, newton_steps)
+        ctx.save_for_backward(p)
+        return p
+
+    @staticmethod
+    def backward(ctx, grad_p: torch.Tensor):
+        (p,) = ctx.saved_tensors
+        return sinkhorn_implicit_grad(p, grad_p), None, None, None
+
+
+def sinkhorn_implicit_grad(p: torch.Tensor, grad_p: torch.Tensor) -> torch.Tensor:
+    """∂L/∂θ of the Sinkhorn fixed point from P and G = ∂L/∂P (see ``SinkhornImplicitFunction``)."""
+    n = p.shape[-1]
+    p64, g64 = p.double(), grad_p.double()
+    gp = g64 * p64
+    rhs = torch.cat([gp.sum(-1), gp.sum(-2)], dim=-1).unsqueeze(-1)  # (…, 2n, 1)
+    ones = torch.ones(p.shape[:-1], dtype=torch.float64, device=p.device)
+    ab = torch.linalg.solve(_scaling_system(p64, ones, ones), rhs).squeeze(-1)
+    a, b = ab[..., :n], ab[..., n:]
+    return (p64 * (g64 - a.unsqueeze(-1) - b.unsqueeze(-2))).to(p.dtype)
+
+
+class SinkhornMixer(Mixer):
+    """H = Sinkhorn–Knopp(exp θ), doubly stochastic up to the iteration error (mHC, arXiv 2512.24880).
+
+    ``backward="unrolled"`` differentiates through every iteration (memory O(iters·n²) per token);
+    ``backward="implicit"`` saves only H and solves the adjoint of the fixed point (O(n²)).
+    """
+
+    name = "sinkhorn"
+    BACKWARDS = ("implicit", "unrolled")
+
+    def __init__(
+        self, num_streams: int, iters: int = 20, backward: str = "implicit", eps: float = 0.0, newton_steps: int = 8
+    ):
+        super().__init__(num_streams)
+        self.num_logits = num_streams**2
+        self.iters, self.backward, self.eps, self.newton_steps = iters, backward, eps, newton_steps
+
+    def init_logits(self) -> torch.Tensor:
+        return (IDENTITY_LOGIT * torch.eye(self.num_streams)).flatten()
+
+    def forward(self, theta: torch.Tensor) -> torch.Tensor:
+        n = self.num_streams
+        theta = theta.unflatten(-1, (n, n))
+        if self.backward == "implicit":
+            return SinkhornImplicitFunction.apply(theta, self.iters, self.eps, self.newton_steps)
+        return sinkhorn_iterate(theta, self.iters, self.eps, self.newton_steps)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, iters={self.iters}+{self.newton_steps} Newton, backward={self.backward!r}"
+
+
+# ----------------------------------------------------------------------------------------------------
+# permutation mixture (mHC-lite) and Kronecker factors (KromHC)
+# ----------------------------------------------------------------------------------------------------
+
+
+class PermutationMixer(Mixer):
+    """H = Σ_k softmax(θ)_k P_k over all n! permutation matrices (mHC-lite): exactly doubly stochastic."""
+
+    name = "permutation"
+    MAX_STREAMS = 6  # 6! = 720 logits; 7! = 5040 makes the projection larger than the model
+
+    def __init__(self, num_streams: int):
+        super().__init__(num_streams)
+        perms = list(itertools.permutations(range(num_streams)))  # perms[0] is the identity
+        self.num_logits = len(perms)
+        eye = torch.eye(num_streams)
+        self.register_buffer("permutations", torch.stack([eye[list(p)] for p in perms]), persistent=False)
+
+    def init_logits(self) -> torch.Tensor:
+        logits = torch.zeros(self.num_logits)
+        logits[0] = IDENTITY_LOGIT + math.log(self.num_logits)  # identity carries ≈ e⁴/(1+e⁴) of the mass
+        return logits
+
+    def forward(self, theta: torch.Tensor) -> torch.Tensor:
+        weights = torch.softmax(theta, dim=-1)
+        return torch.einsum("...k,kst->...st", weights, self.permutations.to(weights.dtype))
+
+
+class KroneckerMixer(Mixer):
+    """H = U_1 ⊗ … ⊗ U_K with U_k = [[p, 1−p], [1−p, p]], p = σ(θ_k) (KromHC): n = 2^K, exactly doubly stochastic."""
+
+    name = "kronecker"
+
+    def __init__(self, num_streams: int):
+        super().__init__(num_streams)
+        self.num_logits = int(math.log2(num_streams))
+
+    def init_logits(self) -> torch.Tensor:
+        return torch.full((self.num_logits,), IDENTITY_LOGIT)
+
+    def forward(self, theta: torch.Tensor) -> torch.Tensor:
+        p = torch.sigmoid(theta)
+        h = theta.new_ones(*theta.shape[:-1], 1, 1)
+        for k in range(self.num_logits):
+            pk, qk = p[..., k, None, None], 1 - p[..., k, None, None]
+            factor = torch.cat([torch.cat([pk, qk], -1), torch.cat([qk, pk], -1)], -2)  # (…, 2, 2)
+            h = (h[..., :, None, :, None] * factor[..., None, :, None, :]).flatten(-4, -3).flatten(-2, -1)
+        return h
+
+
+# ----------------------------------------------------------------------------------------------------
+# spectral sphere (sHC) and transportation polytope (TBP)
+# ----------------------------------------------------------------------------------------------------
+
+
+class SpectralMixer(Mixer):
+    """H = J + U_z U diag(s) Vᵀ U_zᵀ with U, V = Cayley(skew) and s = tanh(·) (sHC).
+
+    Rows and columns sum to 1, ‖H‖₂ ≤ 1, negative entries allowed. θ = [U logits, V logits, s logits].
+    """
+
+    name = "spectral"
+
+    def __init__(self, num_streams: int):
+        super().__init__(num_streams)
+        m = num_streams - 1
+        self.num_skew = m * (m - 1) // 2
+        self.num_logits = 2 * self.num_skew + m
+        self.register_buffer("helmert", helmert_basis(num_streams).float(), persistent=False)
+        self.register_buffer("skew_index", torch.triu_indices(m, m, offset=1), persistent=False)
+
+    def init_logits(self) -> torch.Tensor:
+        logits = torch.zeros(self.num_logits)
+        logits[2 * self.num_skew :] = IDENTITY_LOGIT / 2  # s = tanh(2) ≈ 0.96
+        return logits
+
+    def forward(self, theta: torch.Tensor) -> torch.Tensor:
+        m, k = self.num_streams - 1, self.num_skew
+        u = cayley(skew_from_logits(theta[..., :k], self.skew_index, m))
+        v = cayley(skew_from_logits(theta[..., k : 2 * k], self.skew_index, m))
+        s = torch.tanh(theta[..., 2 * k :])
+        core = (u * s.unsqueeze(-2)) @ v.transpose(-1, -2)  # (…, m, m)
+        basis = self.helmert.to(theta.dtype)
+        n = self.num_streams
+        return torch.full((n, n), 1.0 / n, dtype=theta.dtype, device=theta.device) + basis @ core @ basis.T
+
+
+class TransportMixer(Mixer):
+    """TBP-mHC: fill the top-left (n−1)×(n−1) entries row by row inside the transportation-polytope bounds
+
+        L_ij = max(0, R_i − Σ_{k>j} C_k),  U_ij = min(R_i, C_j),  X_ij = L_ij + (U_ij − L_ij) σ(θ_ij),
+
+    with R_i, C_j the row and column budgets still open; the last column and row take what remains.
+    Every choice in [L, U] leaves a feasible completion, so H is exactly doubly stochastic.
+    """
+
+    name = "transport"
+
+    def __init__(self, num_streams: int):
+        super().__init__(num_streams)
+        self.num_logits = (num_streams - 1) ** 2
+
+    def init_logits(self) -> torch.Tensor:
+        m = self.num_streams - 1
+        return (2 * IDENTITY_LOGIT * torch.eye(m) - IDENTITY_LOGIT).flatten()
+
+    def forward(self, theta: torch.Tensor) -> torch.Tensor:
+        n, m = self.num_streams, self.num_streams - 1
+        gate = torch.sigmoid(theta).unflatten(-1, (m, m)) if m else theta
+        col_budget = list(theta.new_ones(n).expand(*theta.shape[:-1], n).unbind(-1))
+        rows = []
+        for i in range(m):
+            row_budget, row = torch.ones_like(col_budget[0]), []
+            for j in range(m):
+                later_cols = sum(col_budget[j + 1 :])
+                low = torch.clamp(row_budget - later_cols, min=0.0)
+                high = torch.minimum(row_budget, col_budget[j])
+                x = low + (high - low) * gate[..., i, j]
+                row.append(x)
+                row_budget = row_budget - x
+                col_budget[j] = col_budget[j] - x
+            row.append(row_budget)  # last column takes the row's remainder
+            col_budget[m] = col_budget[m] - row_budget
+            rows.append(torch.stack(row, -1))
+        rows.append(torch.stack(col_budget, -1))  # last row takes every column's remainder
+        return torch.stack(rows, -2)
+
+
+# ----------------------------------------------------------------------------------------------------
+# orthogonal mixers from JPmHC: Stiefel (Cayley) and rank-p Grassmann
+# ----------------------------------------------------------------------------------------------------
+
+
+class CayleyIterativeFunction(torch.autograd.Function):
+    """Cayley(A) by the fixed point Y ← I + (A/2)(I + Y) (matmuls only), with the exact backward.
+
+    Converges when ‖A/2‖₂ < 1, geometrically at that rate. From (I − A/2)H = I + A/2:
+    dH = (I − A/2)⁻¹ (dA/2)(I + H), and (I − A/2)⁻¹ = (I + H)/2, so ∂L/∂A = ¼ (I + H)ᵀ G (I + H)ᵀ.
+    Only H is saved.
+    """
+
+    @staticmethod
+    def forward(ctx, skew: torch.Tensor, iters: int) -> torch.Tensor:
+        half = skew / 2
+        eye = torch.eye(skew.shape[-1], dtype=skew.dtype, device=skew.device)
+        h = eye + 2 * half  # the first iterate from Y = I
+        for _ in range(iters - 1):
+            h = eye + half @ (eye + h)
+        ctx.save_for_backward(h)
+        return h
+
+    @staticmethod
+    def backward(ctx, grad_h: torch.Tensor):
+        (h,) = ctx.saved_tensors
+        eye_plus_h_t = (torch.eye(h.shape[-1], dtype=h.dtype, device=h.device) + h).transpose(-1, -2)
+        return eye_plus_h_t @ grad_h @ eye_plus_h_t / 4, None
+
+
+class StiefelMixer(Mixer):
+    """H = Cayley(θ − θᵀ) ∈ SO(n) (JPmHC, arXiv 2602.18308): exactly orthogonal, all singular values 1.
+
+    ``method="solve"`` is exact for any θ; ``method="iterative"`` uses ``iters`` fixed-point steps (GPU
+    friendly matmuls, O(n²) saved state) and needs ‖θ − θᵀ‖₂ < 2 to converge.
+    """
+
+    name = "stiefel"
+    METHODS = ("solve", "iterative")
+
+    def __init__(self, num_streams: int, method: str = "solve", iters: int = 12):
+        super().__init__(num_streams)
+        self.num_logits = num_streams * (num_streams - 1) // 2
+        self.method, self.iters = method, iters
+        self.register_buffer("skew_index", torch.triu_indices(num_streams, num_streams, offset=1), persistent=False)
+
+    def forward(self, theta: torch.Tensor) -> torch.Tensor:
+        skew = skew_from_logits(theta, self.skew_index, self.num_streams)
+        if self.method == "iterative":
+            return CayleyIterativeFunction.apply(skew, self.iters)
+        return cayley(skew)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, method={self.method!r}"
+
+
+class GrassmannMixer(Mixer):
+    """H = J + Q R Qᵀ of rank p + 1: a mean-preserving mixer acting orthogonally on a p-dimensional subspace.
+
+    JPmHC's rank-p variant; its exact form is not public and this construction is ours:
+    Q = U_z Cayley(B)[:, :p] ∈ St(n, p) spans a subspace of 1⊥, with B = [[0, −Kᵀ], [K, 0]] and
+    K ∈ R^{(n−1−p)×p} a chart of the Grassmannian Gr(p, n−1); R = Cayley(C) ∈ SO(p), C skew.
+    Rows and columns sum to 1; singular values 1 (mean), 1 (×p), 0 (×(n−1−p)).
+    r = p(n−1−p) + p(p−1)/2 ≤ p(n−1); p = n−1 gives an orthogonal mean-preserving mixer.
+    """
+
+    name = "grassmann"
+
+    def __init__(self, num_streams: int, rank: int | None = None):
+        super().__init__(num_streams)
+        m = num_streams - 1
+        self.rank = m if rank is None else rank
+        p = self.rank
+        self.num_chart = (m - p) * p
+        self.num_logits = self.num_chart + p * (p - 1) // 2
+        self.register_buffer("helmert", helmert_basis(num_streams).float(), persistent=False)
+        chart_index = torch.stack(torch.meshgrid(torch.arange(p, m), torch.arange(p), indexing="ij")).flatten(1)
+        self.register_buffer("chart_index", chart_index, persistent=False)  # lower-left block of B
+        self.register_buffer("rotation_index", torch.triu_indices(p, p, offset=1), persistent=False)
+
+    def forward(self, theta: torch.Tensor) -> torch.Tensor:
+        n, m, p = self.num_streams, self.num_streams - 1, self.rank
+        chart = theta.new_zeros(*theta.shape[:-1], m, m)
+        chart[..., self.chart_index[0], self.chart_index[1]] = theta[..., : self.num_chart]
+        frame = cayley(chart - chart.transpose(-1, -2))[..., :p]  # (…, m, p), orthonormal columns
+        q = self.helmert.to(theta.dtype) @ frame  # (…, n, p) ⊂ 1⊥
+        r = cayley(skew_from_logits(theta[..., self.num_chart :], self.rotation_index, p))
+        mean = torch.full((n, n), 1.0 / n, dtype=theta.dtype, device=theta.device)
+        return mean + q @ r @ q.transpose(-1, -2)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, rank={self.rank}"
+
+
+# ----------------------------------------------------------------------------------------------------
+# registry
+# ----------------------------------------------------------------------------------------------------
+
+MIXERS: dict[str, type[Mixer]] = {
+    cls.name: cls
+    for cls in (
+        IdentityMixer,
+        UnconstrainedMixer,
+        SinkhornMixer,
+        PermutationMixer,
+        KroneckerMixer,
+        SpectralMixer,
+        TransportMixer,
+        StiefelMixer,
+        GrassmannMixer,
+    )
+}
+ALIASES = {"hc": "unconstrained", "mhc": "sinkhorn", "mhc-lite": "permutation", "kromhc": "kronecker",
+           "shc": "spectral", "tbp": "transport", "cayley": "stiefel", "jpmhc": "stiefel"}  # fmt: skip
+# Mixers whose Hᵀ1 = 1 for every θ (needed for function preservation while the streams are equal).
+MEAN_PRESERVING = {"identity", "sinkhorn", "permutation", "kronecker", "spectral", "transport", "grassmann"}
+
+
+def canonical_mixer_name(name: str) -> str:
+    """Resolve a mixer name or paper alias; raise a ValueError listing the valid names otherwise."""
+    key = name.lower()
+    key = ALIASES.get(key, key)
+    if key not in MIXERS:
+        valid = ", ".join(sorted(MIXERS)) + "; aliases: " + ", ".join(f"{a}→{t}" for a, t in ALIASES.items())
+        raise ValueError(f"mixer={name!r} is not a known mixer. Valid values: {valid}")
+    return key
+
+
+def validate_mixer(name: str, num_streams: int, grassmann_rank: int | None = None) -> str:
+    """Check that ``name`` works with ``num_streams`` streams; return the canonical name."""
+    key = canonical_mixer_name(name)
+    n = num_streams
+    if not isinstance(n, int) or n < 1:
+        raise ValueError(f"num_streams must be a positive integer, got {n!r}")
+    if key == "permutation" and n > PermutationMixer.MAX_STREAMS:
+        raise ValueError(
+            f"mixer='permutation' needs num_streams <= {PermutationMixer.MAX_STREAMS} "
+            f"(it has n! = {math.factorial(n)} logits), got {n}; use 'sinkhorn', 'kronecker' or 'stiefel' for more streams"
+        )
+    if key == "kronecker" and (n < 2 or n & (n - 1)):
+        raise ValueError(f"mixer='kronecker' needs num_streams to be a power of 2 (≥ 2), got {n}")
+    if key in ("spectral", "transport", "grassmann") and n < 2:
+        raise ValueError(f"mixer={key!r} needs num_streams >= 2, got {n}")
+    if key == "grassmann" and grassmann_rank is not None and not 1 <= grassmann_rank <= n - 1:
+        raise ValueError(f"grassmann_rank must be in 1..num_streams-1 = 1..{n - 1}, got {grassmann_rank}")
+    return key
+
+
+def build_mixer(
+    name: str,
+    num_streams: int,
+    *,
+    sinkhorn_iters: int = 20,
+    sinkhorn_backward: str = "implicit",
+    sinkhorn_eps: float = 0.0,
+    sinkhorn_newton_steps: int = 8,
+    cayley_method: str = "solve",
+    cayley_iters: int = 12,
+    grassmann_rank: int | None = None,
+) -> Mixer:
+    """Build a mixer by name (or paper alias) with its options; invalid combinations raise ValueError."""
+    key = validate_mixer(name, num_streams, grassmann_rank)
+    if key == "sinkhorn":
+        return SinkhornMixer(
+            num_streams, iters=sinkhorn_iters, backward=sinkhorn_backward, eps=sinkhorn_eps, newton_steps=sinkhorn_newton_steps
+        )
+    if key == "stiefel":
+        return StiefelMixer(num_streams, method=cayley_method, iters=cayley_iters)
+    if key == "grassmann":
+        return GrassmannMixer(num_streams, rank=grassmann_rank)
+    return MIXERS[key](num_streams)
