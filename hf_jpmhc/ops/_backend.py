@@ -1,0 +1,43 @@
+"""Backend choice shared by every op: ``"auto"`` (Triton on CUDA, torch elsewhere), ``"triton"``, ``"torch"``."""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+KERNEL_BACKENDS = ("auto", "torch", "triton")
+
+
+@functools.cache
+def triton_available() -> bool:
+    """True when ``triton`` imports (its kernels then run on CUDA, or on CPU under ``TRITON_INTERPRET=1``)."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def resolve_backend(kernel_backend: str, tensor: torch.Tensor) -> str:
+    """Map ``kernel_backend`` to ``"triton"`` or ``"torch"`` for a tensor; invalid choices raise ValueError."""
+    if kernel_backend not in KERNEL_BACKENDS:
+        raise ValueError(f"kernel_backend must be one of {', '.join(map(repr, KERNEL_BACKENDS))}, got {kernel_backend!r}")
+    if kernel_backend == "torch":
+        return "torch"
+    if kernel_backend == "auto":
+        return "triton" if tensor.is_cuda and triton_available() else "torch"
+    if not triton_available():
+        raise ValueError("kernel_backend='triton' needs the triton package (pip install 'hf_jpmhc[triton]'); use 'torch'")
+    if not tensor.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(
+            f"kernel_backend='triton' runs on CUDA tensors (or on CPU with TRITON_INTERPRET=1), got device {tensor.device}; "
+            "use kernel_backend='torch' or 'auto'"
+        )
+    return "triton"
+
+
+def next_pow2(x: int, minimum: int = 1) -> int:
+    """The block size covering ``x`` (Triton blocks are powers of two)."""
+    return max(minimum, 1 << (max(x, 1) - 1).bit_length())

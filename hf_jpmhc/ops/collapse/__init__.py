@@ -1,0 +1,20 @@
+"""Collapse u = Σ_i w_i X_i (SPEC §1): the branch input and the final stream head."""
+
+from __future__ import annotations
+
+import torch
+
+from .._backend import resolve_backend
+from .naive import collapse_streams_reference
+
+
+def collapse_streams(streams: torch.Tensor, weights: torch.Tensor, kernel_backend: str = "auto") -> torch.Tensor:
+    """u = Σ_i w_i X_i: streams (…, n, C), weights (…, n) float32 → (…, C) in the streams' dtype."""
+    if resolve_backend(kernel_backend, streams) == "triton":
+        from .fused import collapse_streams_triton
+
+        return collapse_streams_triton(streams, weights)
+    return collapse_streams_reference(streams, weights)
+
+
+__all__ = ["collapse_streams", "collapse_streams_reference"]

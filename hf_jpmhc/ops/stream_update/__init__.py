@@ -1,0 +1,21 @@
+"""Stream update X' = Hᵀ X + post ⊗ f (SPEC §1): the residual mix plus the branch write-back."""
+
+from __future__ import annotations
+
+import torch
+
+from .._backend import resolve_backend
+from .naive import update_streams_reference
+
+
+def update_streams(streams: torch.Tensor, mixer: torch.Tensor, post: torch.Tensor, branch: torch.Tensor,
+                   kernel_backend: str = "auto") -> torch.Tensor:  # fmt: skip
+    """X'_t = Σ_s H[s, t] X_s + post_t f: streams (…, n, C), mixer (…, n, n), post (…, n), branch (…, C)."""
+    if resolve_backend(kernel_backend, streams) == "triton":
+        from .fused import update_streams_triton
+
+        return update_streams_triton(streams, mixer, post, branch)
+    return update_streams_reference(streams, mixer, post, branch)
+
+
+__all__ = ["update_streams", "update_streams_reference"]

@@ -1,0 +1,382 @@
+"""The training machinery shared by every script in ``training/`` — model-agnostic, built on 🤗 Accelerate.
+
+A script supplies a model, a ``DataLoader`` and a loss function; this module supplies the rest:
+
+    accelerator = build_accelerator(output_dir, seed=0, gradient_accumulation_steps=2)
+    optimizer   = build_optimizer(model, learning_rate=3e-4, weight_decay=0.1)
+    scheduler   = build_scheduler(optimizer, "cosine", warmup_steps=20, max_steps=500)
+    model, optimizer, train_loader, scheduler = accelerator.prepare(model, optimizer, train_loader, scheduler)
+    state       = TrainState()
+    checkpoints = CheckpointManager(accelerator, output_dir / "checkpoints", state, keep=2)
+    if resume: checkpoints.resume()                     # the last complete checkpoint, if any
+    logger      = MetricsLogger(accelerator, output_dir / "logs", resume_step=state.step)
+    train_loop(accelerator, model, optimizer, scheduler, train_loader, loss_fn, state,
+               max_steps=500, checkpoints=checkpoints, logger=logger, evaluate=eval_fn)
+
+Guarantees:
+
+* **Exact resume.** The data order of epoch e is a permutation seeded by ``seed + e`` (Accelerate's
+  seedable sampler); a checkpoint holds model, optimizer, scheduler, RNG states and the ``TrainState``
+  (step, epoch, micro-batches consumed in the epoch), and resuming skips the consumed batches with
+  ``accelerator.skip_first_batches``. A resumed run therefore computes the same losses as one that was
+  never interrupted (bitwise on CPU).
+* **Atomic checkpoints.** ``save_state`` writes into ``.tmp-checkpoint-N`` and the directory is renamed to
+  ``checkpoint-N`` only when every process has finished writing: a ``checkpoint-*`` directory is always
+  complete, and a kill at any moment leaves at worst a temporary directory that the next run removes.
+* **Process-count independence.** ``split_batches=True``: the ``DataLoader``'s batch size is the global
+  micro-batch, divided among the processes, so 1 or N processes see the same global batches and DDP's
+  gradient average equals the single-process gradient (up to float summation order).
+* **Logs.** ``MetricsLogger`` appends one JSON object per line to ``metrics.jsonl`` (always) and mirrors
+  scalars to TensorBoard when ``tensorboard`` is installed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration, GradientAccumulationPlugin, ProjectConfiguration, set_seed
+from tqdm.auto import tqdm
+from transformers import get_scheduler
+
+MIXED_PRECISIONS = ("no", "fp16", "bf16")
+CHECKPOINT_PREFIX = "checkpoint-"
+TMP_PREFIX = ".tmp-"
+
+LossFn = Callable[[torch.nn.Module, dict], tuple[torch.Tensor, int]]  # (model, batch) → (mean loss, items in batch)
+EvalFn = Callable[[torch.nn.Module], dict[str, float]]  # model → metrics, e.g. {"val_loss": …, "val_ppl": …}
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (every process the same seed: identical initial weights)."""
+    set_seed(seed)
+
+
+def build_accelerator(
+    output_dir: str | Path,
+    *,
+    seed: int = 0,
+    gradient_accumulation_steps: int = 1,
+    mixed_precision: str = "no",
+) -> Accelerator:
+    """An ``Accelerator`` with gradient accumulation, a mixed-precision flag, seedable data order and split batches.
+
+    ``mixed_precision`` is "no", "fp16" or "bf16" (autocast; master weights stay float32). The data order
+    of epoch e is seeded by ``seed + e``; TensorBoard logs go to ``output_dir/logs`` when it is installed.
+    """
+    if mixed_precision not in MIXED_PRECISIONS:
+        raise ValueError(f"mixed_precision must be one of {MIXED_PRECISIONS}, got {mixed_precision!r}")
+    if gradient_accumulation_steps < 1:
+        raise ValueError(f"gradient_accumulation_steps must be >= 1, got {gradient_accumulation_steps}")
+    output_dir = Path(output_dir)
+    return Accelerator(
+        mixed_precision=mixed_precision,
+        gradient_accumulation_plugin=GradientAccumulationPlugin(
+            num_steps=gradient_accumulation_steps, sync_with_dataloader=False
+        ),
+        dataloader_config=DataLoaderConfiguration(split_batches=True, use_seedable_sampler=True, data_seed=seed),
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
+        log_with="tensorboard" if tensorboard_available() else None,
+    )
+
+
+def tensorboard_available() -> bool:
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+# ----------------------------------------------------------------------------------------------------
+# optimiser and schedule
+# ----------------------------------------------------------------------------------------------------
+
+
+def build_optimizer(
+    model: torch.nn.Module,
+    *,
+    learning_rate: float,
+    weight_decay: float = 0.0,
+    betas: tuple[float, float] = (0.9, 0.95),
+    eps: float = 1e-8,
+) -> torch.optim.AdamW:
+    """AdamW with decoupled weight decay on matrices only: biases, norm gains, embeddings' 1-D cousins and the
+    hyper-connections' scalars α and biases b (all 1-D) are not decayed (nanoGPT's convention)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=eps)
+
+
+def build_scheduler(optimizer, name: str = "cosine", *, warmup_steps: int, max_steps: int):
+    """``transformers.get_scheduler``: linear warmup over ``warmup_steps``, then ``name`` decay to ``max_steps``.
+
+    The schedule counts optimiser updates. Accelerate's prepared scheduler steps once per update and once per
+    process unless ``split_batches`` is set — ``build_accelerator`` sets it, so these counts are exact.
+    """
+    if not 0 <= warmup_steps <= max_steps:
+        raise ValueError(f"warmup_steps must be in 0..max_steps={max_steps}, got {warmup_steps}")
+    return get_scheduler(name, optimizer, num_warmup_steps=warmup_steps, num_training_steps=max_steps)
+
+
+# ----------------------------------------------------------------------------------------------------
+# state and checkpoints
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainState:
+    """Counters saved in every checkpoint (Accelerate's ``register_for_checkpointing`` protocol).
+
+    step:           optimiser updates done.
+    epoch:          the current pass over the training data.
+    batch_in_epoch: micro-batches of ``epoch`` already consumed (skipped on resume).
+    items:          training items seen (tokens for an LM, images for a classifier), over all processes.
+    """
+
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    items: int = 0
+
+    def state_dict(self) -> dict:
+        return asdict(self)
+
+    def load_state_dict(self, state: dict) -> None:
+        for key, value in state.items():
+            setattr(self, key, value)
+
+
+class CheckpointManager:
+    """Periodic, atomic ``accelerator.save_state`` checkpoints under ``directory`` with a retention limit.
+
+    ``save()`` is collective (every process calls it); ``resume()`` loads the newest complete checkpoint.
+    """
+
+    def __init__(self, accelerator: Accelerator, directory: str | Path, state: TrainState, *, keep: int = 2):
+        if keep < 1:
+            raise ValueError(f"keep (the checkpoint retention limit) must be >= 1, got {keep}")
+        self.accelerator, self.directory, self.state, self.keep = accelerator, Path(directory), state, keep
+        accelerator.register_for_checkpointing(state)
+        if accelerator.is_main_process:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            for leftover in self.directory.glob(f"{TMP_PREFIX}*"):  # from a run killed while saving
+                shutil.rmtree(leftover, ignore_errors=True)
+        accelerator.wait_for_everyone()
+
+    def complete(self) -> list[Path]:
+        """Complete checkpoints, oldest first."""
+        found = [p for p in self.directory.glob(f"{CHECKPOINT_PREFIX}*") if p.is_dir()]
+        return sorted(found, key=lambda p: int(p.name.removeprefix(CHECKPOINT_PREFIX)))
+
+    def latest(self) -> Path | None:
+        found = self.complete()
+        return found[-1] if found else None
+
+    def save(self) -> Path:
+        """Write the state at ``state.step`` aside, rename it into place, then drop checkpoints beyond ``keep``."""
+        name = f"{CHECKPOINT_PREFIX}{self.state.step}"
+        final, staging = self.directory / name, self.directory / f"{TMP_PREFIX}{name}"
+        self.accelerator.save_state(str(staging))  # collective; each process writes its own RNG state
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            if final.exists():  # the same step saved again (e.g. the final step after a resume)
+                shutil.rmtree(final)
+            os.replace(staging, final)
+            for old in self.complete()[: -self.keep]:
+                shutil.rmtree(old)
+        self.accelerator.wait_for_everyone()
+        return final
+
+    def resume(self) -> Path | None:
+        """Load the newest complete checkpoint (model, optimiser, scheduler, RNG, ``TrainState``); None if none."""
+        path = self.latest()
+        if path is not None:
+            self.accelerator.load_state(str(path))
+        return path
+
+
+# ----------------------------------------------------------------------------------------------------
+# logging
+# ----------------------------------------------------------------------------------------------------
+
+
+class MetricsLogger:
+    """One JSON object per line in ``directory/metrics.jsonl`` (main process), mirrored to the Accelerate trackers.
+
+    On resume, pass ``resume_step``: records after that step (written by the interrupted run after its last
+    checkpoint, and about to be recomputed) are dropped, so the file reads as one uninterrupted run.
+    """
+
+    def __init__(self, accelerator: Accelerator, directory: str | Path, *, resume_step: int | None = None,
+                 run_config: dict | None = None):  # fmt: skip
+        self.accelerator = accelerator
+        self.path = Path(directory) / "metrics.jsonl"
+        if accelerator.is_main_process:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            if resume_step is None:
+                self.path.unlink(missing_ok=True)
+            elif self.path.exists():
+                kept = [line for line in read_jsonl(self.path) if line.get("step", 0) <= resume_step]
+                atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+        if accelerator.log_with:
+            accelerator.init_trackers("run", config=_scalars(run_config or {}))
+
+    def log(self, metrics: dict, step: int) -> None:
+        if self.accelerator.is_main_process:
+            with self.path.open("a", encoding="utf-8") as f:
+                f.write(json.dumps({"step": step, **metrics}) + "\n")
+        if self.accelerator.log_with:
+            self.accelerator.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
+
+    def close(self) -> None:
+        if self.accelerator.log_with:
+            self.accelerator.end_training()
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write ``text`` to a sibling temporary file, then rename it over ``path``."""
+    path = Path(path)
+    staging = path.with_name(f"{TMP_PREFIX}{path.name}")
+    staging.write_text(text, encoding="utf-8")
+    os.replace(staging, path)
+
+
+def _scalars(config: dict) -> dict:
+    """TensorBoard's hparams accept only scalars and strings."""
+    return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in config.items()}
+
+
+# ----------------------------------------------------------------------------------------------------
+# the loop
+# ----------------------------------------------------------------------------------------------------
+
+
+def resumable_batches(accelerator: Accelerator, loader, state: TrainState) -> Iterator[dict]:
+    """Batches forever, epoch after epoch, starting after the ``state.batch_in_epoch`` already consumed.
+
+    ``set_epoch`` seeds the epoch's permutation (``seed + epoch``); ``skip_first_batches`` reuses the same
+    sampler, so the batches after a resume are exactly those the interrupted run would have seen.
+    """
+    while True:
+        loader.set_epoch(state.epoch)
+        epoch_loader = accelerator.skip_first_batches(loader, state.batch_in_epoch) if state.batch_in_epoch else loader
+        for batch in epoch_loader:
+            state.batch_in_epoch += 1
+            yield batch
+        state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+
+
+def train_loop(
+    accelerator: Accelerator,
+    model: torch.nn.Module,
+    optimizer,
+    scheduler,
+    train_loader,
+    loss_fn: LossFn,
+    state: TrainState,
+    *,
+    max_steps: int,
+    logger: MetricsLogger,
+    checkpoints: CheckpointManager | None = None,
+    save_every: int = 0,
+    evaluate: EvalFn | None = None,
+    eval_every: int = 0,
+    log_every: int = 1,
+    max_grad_norm: float | None = 1.0,
+    stop_after: int | None = None,
+) -> dict[str, float]:
+    """Train from ``state.step`` to ``max_steps`` optimiser updates; return the last evaluation metrics.
+
+    Per update: ``gradient_accumulation_steps`` micro-batches under ``accelerator.accumulate``, gradient
+    clipping to ``max_grad_norm`` (None: off), AdamW step, scheduler step. Every ``log_every`` updates the
+    loss (mean over micro-batches and processes), learning rate, gradient norm and items/s go to ``logger``;
+    every ``eval_every`` updates (and at the end) ``evaluate(model)``; every ``save_every`` updates (and at
+    the end) a checkpoint. ``stop_after`` ends early at that step, after a checkpoint — a scheduled
+    preemption: the LR schedule still runs to ``max_steps`` and ``--resume`` continues.
+    """
+    accum = accelerator.gradient_accumulation_steps
+    metrics: dict[str, float] = {}
+    window = _Window(accelerator.device)
+    progress = tqdm(total=max_steps, initial=state.step, desc="train", unit="step",
+                    disable=not accelerator.is_local_main_process, dynamic_ncols=True)  # fmt: skip
+    batches = resumable_batches(accelerator, train_loader, state)
+    model.train()
+    while state.step < max_steps:
+        grad_norm = None
+        for _ in range(accum):
+            with accelerator.accumulate(model):
+                loss, items = loss_fn(model, next(batches))
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and max_grad_norm is not None:
+                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            # split_batches gives every process an equal share of the global micro-batch.
+            window.add(loss.detach() / accum, items * accelerator.num_processes)
+            state.items += items * accelerator.num_processes
+        state.step += 1
+        window.steps += 1
+        progress.update(1)
+
+        record: dict[str, float] = {}
+        if state.step % log_every == 0 or state.step == max_steps:
+            record = {"loss": window.mean_loss(accelerator), "lr": scheduler.get_last_lr()[0],
+                      "items_per_s": window.rate(), "items": state.items}  # fmt: skip
+            if grad_norm is not None:
+                record["grad_norm"] = float(grad_norm)
+            progress.set_postfix(loss=f"{record['loss']:.4f}")
+        if evaluate is not None and (state.step == max_steps or (eval_every and state.step % eval_every == 0)):
+            metrics = evaluate(model)
+            record.update(metrics)
+            model.train()
+            progress.write(f"step {state.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        if record:
+            logger.log(record, state.step)
+        stopping = stop_after is not None and state.step >= stop_after
+        if checkpoints is not None and (state.step == max_steps or stopping or (save_every and state.step % save_every == 0)):
+            path = checkpoints.save()
+            progress.write(f"step {state.step}: saved checkpoint {path}")
+        if record:
+            window.reset()  # throughput excludes evaluation and checkpointing
+        if stopping:
+            break
+    progress.close()
+    return metrics
+
+
+class _Window:
+    """Loss and throughput accumulated between two log records."""
+
+    def __init__(self, device: torch.device):
+        self.loss = torch.zeros((), device=device)
+        self.reset()
+
+    def reset(self) -> None:
+        self.loss.zero_()
+        self.steps, self.items, self.start = 0, 0, time.perf_counter()
+
+    def add(self, loss: torch.Tensor, items: int) -> None:
+        self.loss += loss
+        self.items += items
+
+    def mean_loss(self, accelerator: Accelerator) -> float:
+        """Mean training loss per update over the window, averaged over the processes."""
+        return accelerator.reduce(self.loss, "mean").item() / self.steps
+
+    def rate(self) -> float:
+        return self.items / (time.perf_counter() - self.start)
