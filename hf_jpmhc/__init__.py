@@ -3,13 +3,22 @@
 Importing the package registers the JPmHC configs and models with the transformers Auto classes.
 """
 
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForImageClassification,
+    AutoModelForSequenceClassification,
+)
 
 from .models.configuration_hyper_connection import HyperConnectionConfig
 from .models.configuration_jpmhc import JPmHCConfig
+from .models.configuration_jpmhc_vit import JPmHCViTConfig
 from .models.hyper_connection import HyperConnection, StreamCollapse
 from .models.mixers import ALIASES, MIXERS, Mixer, build_mixer
 from .models.modeling_jpmhc import JPmHCForCausalLM, JPmHCForSequenceClassification, JPmHCModel, JPmHCPreTrainedModel
+from .models.modeling_jpmhc_vit import JPmHCViTForImageClassification, JPmHCViTModel, JPmHCViTPreTrainedModel
+from .conversion.vit import convert_vit
 
 __version__ = "0.1.0"
 
@@ -17,6 +26,9 @@ AutoConfig.register(JPmHCConfig.model_type, JPmHCConfig)
 AutoModel.register(JPmHCConfig, JPmHCModel)
 AutoModelForCausalLM.register(JPmHCConfig, JPmHCForCausalLM)
 AutoModelForSequenceClassification.register(JPmHCConfig, JPmHCForSequenceClassification)
+AutoConfig.register(JPmHCViTConfig.model_type, JPmHCViTConfig)
+AutoModel.register(JPmHCViTConfig, JPmHCViTModel)
+AutoModelForImageClassification.register(JPmHCViTConfig, JPmHCViTForImageClassification)
 
 # save_pretrained writes auto_map and copies the code, so checkpoints load with trust_remote_code=True
 # where hf_jpmhc is not installed.
@@ -24,6 +36,9 @@ JPmHCConfig.register_for_auto_class()
 JPmHCModel.register_for_auto_class("AutoModel")
 JPmHCForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 JPmHCForSequenceClassification.register_for_auto_class("AutoModelForSequenceClassification")
+JPmHCViTConfig.register_for_auto_class()
+JPmHCViTModel.register_for_auto_class("AutoModel")
+JPmHCViTForImageClassification.register_for_auto_class("AutoModelForImageClassification")
 
 __all__ = [
     "ALIASES",
@@ -35,7 +50,12 @@ __all__ = [
     "JPmHCForSequenceClassification",
     "JPmHCModel",
     "JPmHCPreTrainedModel",
+    "JPmHCViTConfig",
+    "JPmHCViTForImageClassification",
+    "JPmHCViTModel",
+    "JPmHCViTPreTrainedModel",
     "Mixer",
     "StreamCollapse",
     "build_mixer",
+    "convert_vit",
 ]

@@ -380,3 +380,35 @@ class _Window:
 
     def rate(self) -> float:
         return self.items / (time.perf_counter() - self.start)
+
+
+# ----------------------------------------------------------------------------------------------------
+# the final artifact
+# ----------------------------------------------------------------------------------------------------
+
+
+def save_final_model(accelerator: Accelerator, model: torch.nn.Module, directory: str | Path, *, preprocessor=None,
+                     **card_kwargs) -> Path:  # fmt: skip
+    """Write a Hub-ready ``save_pretrained`` directory atomically: weights, config (with ``auto_map``), the
+    model code, the tokenizer / image processor, and a model card (``hf_jpmhc.model_card.build_model_card``
+    with ``card_kwargs``: base_model, training, evaluation, eval_results, ...). Collective; returns ``directory``.
+
+    The full state dict comes from ``accelerator.get_state_dict`` (gathered under FSDP/DeepSpeed).
+    """
+    from hf_jpmhc.model_card import build_model_card
+
+    directory = Path(directory)
+    staging = directory.with_name(f"{TMP_PREFIX}{directory.name}")
+    state_dict = accelerator.get_state_dict(model)
+    if accelerator.is_main_process:
+        shutil.rmtree(staging, ignore_errors=True)
+        unwrapped = accelerator.unwrap_model(model)
+        unwrapped.save_pretrained(staging, state_dict=state_dict)
+        if preprocessor is not None:
+            preprocessor.save_pretrained(staging)
+        build_model_card(unwrapped, **card_kwargs).save(staging / "README.md")
+        if directory.exists():
+            shutil.rmtree(directory)
+        os.replace(staging, directory)
+    accelerator.wait_for_everyone()
+    return directory

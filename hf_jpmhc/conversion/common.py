@@ -56,7 +56,7 @@ def add_hyper_connection_arguments(parser: argparse.ArgumentParser) -> None:
     ``HyperConnectionConfig``; invalid values are rejected by the config's own validation.
     """
     defaults = {f.name: f.default for f in dataclasses.fields(HyperConnectionConfig)}
-    parser.add_argument("--streams", dest="num_streams", type=int, default=defaults["num_streams"],
+    parser.add_argument("--streams", dest="num_streams", type=int, default=defaults["num_streams"], metavar="N",
                         help="number of residual streams n (default: %(default)s)")  # fmt: skip
     parser.add_argument("--mixer", default=defaults["mixer"],
                         help="residual mixer: stiefel, sinkhorn, grassmann, ... or a paper alias (default: %(default)s)")  # fmt: skip
@@ -144,15 +144,21 @@ def load_preprocessor(source: str | Path, auto_class_name: str):
         return None
 
 
+def check_output(save_directory: str | Path, overwrite: bool) -> Path:
+    """Refuse to replace an existing ``save_directory`` unless ``overwrite``; checked before converting."""
+    target = Path(save_directory)
+    if target.exists() and not overwrite:
+        raise FileExistsError(f"{target} exists; pass overwrite=True (--overwrite) to replace it")
+    return target
+
+
 def save_converted(model, save_directory: str | Path, *, base_model: str | None = None, preprocessor=None,
                    overwrite: bool = False) -> Path:  # fmt: skip
     """Save a converted model atomically: weights, config, generation config, the tokenizer or image
     processor (if given) and a model card with ``base_model``, written aside and renamed into place."""
     from ..model_card import save_pretrained_with_card
 
-    target = Path(save_directory)
-    if target.exists() and not overwrite:
-        raise FileExistsError(f"{target} exists; pass overwrite=True (--overwrite) to replace it")
+    target = check_output(save_directory, overwrite)
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{target.name}.") as tmp:
         staging = Path(tmp) / "checkpoint"

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from .mixers import SinkhornMixer, StiefelMixer, validate_mixer
 
 KERNEL_BACKENDS = ("auto", "torch", "triton")
 COLLAPSES = ("learned", "mean")
+BOOLEAN_FIELDS = ("dynamic", "hc_recompute")
+INTEGER_MINIMUMS = {"num_streams": 1, "sinkhorn_iters": 1, "sinkhorn_newton_steps": 0, "cayley_iters": 1}
+NUMBER_MINIMUMS = {"sinkhorn_eps": 0.0, "hc_pre_eps": 0.0, "hc_alpha_init": 0.0}
 
 
 @dataclass(kw_only=True)
@@ -50,15 +54,28 @@ class HyperConnectionConfig:
 
     def validate_hyper_connection(self) -> None:
         """Raise ValueError naming the field and what it accepts; canonicalise the mixer alias."""
+        for field in BOOLEAN_FIELDS:
+            if not isinstance(getattr(self, field), bool):
+                raise ValueError(f"{field} must be True or False, got {getattr(self, field)!r}")
+        for field, minimum in INTEGER_MINIMUMS.items():
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                raise ValueError(f"{field} must be an integer >= {minimum}, got {value!r}")
+        for field, minimum in NUMBER_MINIMUMS.items():
+            value = getattr(self, field)
+            is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if not is_number or not math.isfinite(value) or value < minimum:
+                raise ValueError(f"{field} must be a finite number >= {minimum}, got {value!r}")
+        if self.hc_alpha_init == 0:
+            raise ValueError("hc_alpha_init must be > 0 (at 0 the dynamic projection Φ never gets a gradient), got 0")
+        rank = self.grassmann_rank
+        if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int)):
+            raise ValueError(f"grassmann_rank must be None or an integer in 1..num_streams-1, got {rank!r}")
         self.mixer = validate_mixer(self.mixer, self.num_streams, self.grassmann_rank)
         _check_choice("sinkhorn_backward", self.sinkhorn_backward, SinkhornMixer.BACKWARDS)
         _check_choice("cayley_method", self.cayley_method, StiefelMixer.METHODS)
         _check_choice("hc_collapse", self.hc_collapse, COLLAPSES)
         _check_choice("kernel_backend", self.kernel_backend, KERNEL_BACKENDS)
-        minimums = {"sinkhorn_iters": 1, "cayley_iters": 1, "sinkhorn_newton_steps": 0, "sinkhorn_eps": 0, "hc_pre_eps": 0}
-        for field, minimum in minimums.items():
-            if getattr(self, field) < minimum:
-                raise ValueError(f"{field} must be >= {minimum}, got {getattr(self, field)}")
         if self.sinkhorn_eps > 0 and self.sinkhorn_backward == "implicit":
             raise ValueError(
                 "sinkhorn_eps > 0 (DeepSeek-V4's probability-domain Sinkhorn) has no exact fixed point for the "

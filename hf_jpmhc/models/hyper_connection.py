@@ -10,17 +10,53 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .mixers import Mixer, _logit
+from torch.utils.checkpoint import checkpoint
+
+from .configuration_hyper_connection import KERNEL_BACKENDS
+from .mixers import Mixer, SinkhornMixer, StiefelMixer, _logit, skew_from_logits
 
 # How much of a branch's read weight sits on its home stream at initialisation (symmetry breaking):
 # pre = (1 − ρ)/n · 1 + ρ · e_home, which still sums to 1.
 HOME_STREAM_WEIGHT = 0.5
 
 
-def rms_norm_unweighted(x: torch.Tensor, eps: float) -> torch.Tensor:
-    """x / rms(x) over the last axis, in float32 (DeepSeek-V4's ``UnweightedRMSNorm``)."""
-    x = x.float()
-    return x * torch.rsqrt(x.square().mean(-1, keepdim=True) + eps)
+def rms_scale(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """rstd = (mean x² + eps)^(-1/2) over the last axis (…, 1), in float32, as one reduction (no x² temporary)."""
+    return torch.rsqrt(torch.linalg.vector_norm(x.float(), dim=-1, keepdim=True).square() / x.shape[-1] + eps)
+
+
+def normalized_projection(streams: torch.Tensor, phi: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm(flatten X) Φᵀ computed as (flatten X · Φᵀ) · rstd: (…, n, C), (m, nC) → (…, m) in float32.
+
+    The same numbers as ``F.linear(x / rms(x), Φ)`` (DeepSeek-V4's UnweightedRMSNorm, in mHC's reordering),
+    but X is read once and no normalised nC-wide copy is made or saved for the backward.
+    """
+    x = streams.flatten(-2).float()  # (…, nC)
+    return F.linear(x, phi.float()) * rms_scale(x, eps)
+
+
+def activate_coefficients(z: torch.Tensor, split_sizes: tuple[int, int, int], pre_eps: float):
+    """z = [z_pre, z_post, z_res] → pre = σ(z_pre) + eps, post = 2σ(z_post), θ_res = z_res."""
+    z_pre, z_post, z_res = z.split(split_sizes, dim=-1)
+    return torch.sigmoid(z_pre) + pre_eps, 2 * torch.sigmoid(z_post), z_res
+
+
+def dynamic_coefficients(
+    streams: torch.Tensor,
+    phi: torch.Tensor,
+    alpha: torch.Tensor,
+    bias: torch.Tensor,
+    split_sizes: tuple[int, int, int],
+    pre_eps: float = 0.0,
+    norm_eps: float = 1e-6,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """pre (…, n), post (…, n), θ_res (…, r) in float32: z = α · RMSNorm(flatten X) Φᵀ + b, then activations.
+
+    The torch reference of ``hf_jpmhc.ops.hc_coefficients`` (its Triton kernel fuses all of it).
+    """
+    scale = torch.cat([a.expand(size) for a, size in zip(alpha.float(), split_sizes)])  # (2n + r,)
+    z = normalized_projection(streams, phi, norm_eps) * scale + bias.float()  # (…, 2n + r)
+    return activate_coefficients(z, split_sizes, pre_eps)
 
 
 def expand_streams(hidden: torch.Tensor, num_streams: int) -> torch.Tensor:
@@ -37,7 +73,100 @@ def update_streams(streams: torch.Tensor, mixer: torch.Tensor, post: torch.Tenso
     """X' = Hᵀ X + post ⊗ f, i.e. X'_t = Σ_s H[s, t] X_s + post_t f (SPEC §1 orientation)."""
     dtype = streams.dtype
     mixed = torch.matmul(mixer.to(dtype).transpose(-1, -2), streams)  # (B, T, n, C)
-    return mixed + post.to(dtype).unsqueeze(-1) * branch.unsqueeze(-2)
+    return mixed.addcmul_(post.to(dtype).unsqueeze(-1), branch.unsqueeze(-2))
+
+
+# ----------------------------------------------------------------------------------------------------
+# the CPU path: the references above as forward, with hand-written backwards that make fewer passes over X
+# ----------------------------------------------------------------------------------------------------
+
+
+class HyperConnectionRead(torch.autograd.Function):
+    """(u, post, θ_res) = read(X) on the torch path: ``dynamic_coefficients`` then ``collapse_streams``.
+
+    Autograd through the two references would write four nC-wide gradients and add them; this backward
+    writes ∂X once (K = nC, g = ∂z_lin · rstd, κ = rstd²/K Σ ∂z_lin ⊙ z_lin, z_lin = rstd · xΦᵀ):
+
+        ∂pre = ∂pre_direct + X ∂u              ∂X = g Φ − κ x + pre ⊗ ∂u              ∂Φ = gᵀ x
+
+    Saves X (the input), pre, post, z_lin and rstd — nothing else nC-wide.
+    """
+
+    @staticmethod
+    def forward(ctx, streams, phi, alpha, bias, split_sizes, pre_eps: float, norm_eps: float):
+        x = streams.flatten(-2).float()  # (…, K)
+        rstd = rms_scale(x, norm_eps)  # (…, 1)
+        zlin = F.linear(x, phi.float()) * rstd  # (…, M)
+        scale = torch.cat([a.expand(size) for a, size in zip(alpha.float(), split_sizes)])  # (M,)
+        pre, post, z_res = activate_coefficients(zlin * scale + bias.float(), split_sizes, pre_eps)
+        ctx.save_for_backward(streams, phi, scale, pre, post, zlin, rstd)
+        ctx.split_sizes, ctx.pre_eps = split_sizes, pre_eps
+        return collapse_streams(streams, pre), post, z_res
+
+    @staticmethod
+    def backward(ctx, grad_u, grad_post, grad_res):
+        streams, phi, scale, pre, post, zlin, rstd = ctx.saved_tensors
+        x = streams.float()  # (…, n, C); a view for float32 streams
+        grad_u = grad_u.float()
+        grad_pre = torch.matmul(x, grad_u.unsqueeze(-1)).squeeze(-1)  # (…, n): the collapse's ∂pre
+        sig_pre, sig_post = pre - ctx.pre_eps, post / 2
+        grad_z = torch.cat([grad_pre * sig_pre * (1 - sig_pre), grad_post * post * (1 - sig_post), grad_res], dim=-1)
+        lead = tuple(range(grad_z.dim() - 1))
+        grad_alpha = torch.stack([part.sum() for part in (grad_z * zlin).sum(lead).split(ctx.split_sizes)])
+        grad_bias = grad_z.sum(lead)
+        grad_zlin = grad_z * scale  # (…, M)
+        g = grad_zlin * rstd
+        kappa = (grad_zlin * zlin).sum(-1, keepdim=True) * rstd.square() / x.shape[-1] / x.shape[-2]  # (…, 1)
+        grad_x = torch.matmul(g, phi.float()).view_as(x)  # (…, n, C)
+        grad_x.addcmul_(x, -kappa.unsqueeze(-1)).addcmul_(pre.unsqueeze(-1), grad_u.unsqueeze(-2))
+        grad_phi = g.reshape(-1, g.shape[-1]).T @ x.reshape(g.shape[:-1].numel(), -1)  # (M, K)
+        return grad_x.to(streams.dtype), grad_phi, grad_alpha, grad_bias, None, None, None
+
+
+class StreamUpdate(torch.autograd.Function):
+    """X' = Hᵀ X + post ⊗ f on the torch path (forward: ``update_streams``), backward without nC-wide temporaries:
+
+        ∂X = H ∂X'      ∂H = X ∂X'ᵀ      ∂post = ∂X' f      ∂f = postᵀ ∂X'      (each a small batched matmul)
+    """
+
+    @staticmethod
+    def forward(ctx, streams, mixer, post, branch):
+        ctx.save_for_backward(streams, mixer, post, branch)
+        return update_streams(streams, mixer, post, branch)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        streams, mixer, post, branch = ctx.saved_tensors
+        dtype = streams.dtype
+        grad_out = grad_out.to(dtype)
+        grad_streams = torch.matmul(mixer.to(dtype), grad_out)  # (…, n, C)
+        grad_mixer = torch.matmul(streams, grad_out.transpose(-1, -2)).float().sum_to_size(mixer.shape)  # (…, n, n)
+        grad_post = torch.matmul(grad_out, branch.unsqueeze(-1)).squeeze(-1).float().sum_to_size(post.shape)
+        grad_branch = torch.matmul(post.to(dtype).unsqueeze(-2), grad_out).squeeze(-2).sum_to_size(branch.shape)
+        return grad_streams, grad_mixer.to(mixer.dtype), grad_post.to(post.dtype), grad_branch
+
+
+def _fused_ops(kernel_backend: str, tensor: torch.Tensor):
+    """``hf_jpmhc.ops`` when ``kernel_backend`` selects the Triton kernels for ``tensor``, else None (torch path).
+
+    Imported lazily and inside try: this file also runs as remote code without the hf_jpmhc package.
+    """
+    if kernel_backend == "torch" or (kernel_backend == "auto" and not tensor.is_cuda):
+        return None
+    try:
+        from hf_jpmhc import ops
+    except ImportError:
+        ops = None
+    if ops is None or not ops.triton_available():
+        if kernel_backend == "triton":
+            raise ValueError("kernel_backend='triton' needs hf_jpmhc.ops and the triton package; use 'torch' or 'auto'")
+        return None
+    return ops if ops.resolve_backend(kernel_backend, tensor) == "triton" else None
+
+
+def _check_kernel_backend(kernel_backend: str) -> None:
+    if kernel_backend not in KERNEL_BACKENDS:
+        raise ValueError(f"kernel_backend must be one of {', '.join(map(repr, KERNEL_BACKENDS))}, got {kernel_backend!r}")
 
 
 class HyperConnection(nn.Module):
@@ -78,8 +207,12 @@ class HyperConnection(nn.Module):
         alpha_init: float = 0.01,
         pre_eps: float = 0.0,
         norm_eps: float = 1e-6,
+        kernel_backend: str = "auto",
+        recompute: bool = False,
     ):
         super().__init__()
+        _check_kernel_backend(kernel_backend)
+        self.kernel_backend, self.recompute = kernel_backend, recompute
         n, r = mixer.num_streams, mixer.num_logits
         self.num_streams, self.mixer, self.home_stream = n, mixer, home_stream % n
         self.split_sizes = (n, n, r)
@@ -91,9 +224,9 @@ class HyperConnection(nn.Module):
 
     def initial_bias(self) -> torch.Tensor:
         n = self.num_streams
-        pre = torch.full((n,), (1 - HOME_STREAM_WEIGHT) / n)
-        pre[self.home_stream] += HOME_STREAM_WEIGHT
-        pre_bias = torch.tensor([_logit(p) for p in pre.tolist()])
+        # Python floats, not a tensor: from_pretrained builds the model on the meta device, where .tolist() fails.
+        pre = [(1 - HOME_STREAM_WEIGHT) / n + HOME_STREAM_WEIGHT * (s == self.home_stream) for s in range(n)]
+        pre_bias = torch.tensor([_logit(p) for p in pre])
         return torch.cat([pre_bias, torch.zeros(n), self.mixer.init_logits()])
 
     @torch.no_grad()
@@ -105,30 +238,60 @@ class HyperConnection(nn.Module):
 
     def coefficients(self, streams: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """pre (…, n), post (…, n), H (…, n, n) in float32; static coefficients have no batch axes."""
-        n = self.num_streams
+        ops = _fused_ops(self.kernel_backend, streams)
         if self.phi is None:
-            z = self.bias.float()
+            pre, post, z_res = activate_coefficients(self.bias.float(), self.split_sizes, self.pre_eps)
+        elif ops is not None:
+            pre, post, z_res = ops.hc_coefficients(streams, self.phi, self.alpha, self.bias, self.split_sizes,
+                                                   self.pre_eps, self.norm_eps, kernel_backend="triton")  # fmt: skip
         else:
-            x = rms_norm_unweighted(streams.flatten(-2), self.norm_eps)  # (B, T, nC)
-            z = F.linear(x, self.phi.float())  # (B, T, 2n + r)
-            scale = torch.cat([a.expand(size) for a, size in zip(self.alpha.float(), self.split_sizes)])
-            z = z * scale + self.bias.float()
-        z_pre, z_post, z_res = z.split(self.split_sizes, dim=-1)
-        pre = torch.sigmoid(z_pre) + self.pre_eps
-        post = 2 * torch.sigmoid(z_post)
-        return pre, post, self.mixer(z_res)
+            pre, post, z_res = dynamic_coefficients(
+                streams, self.phi, self.alpha, self.bias, self.split_sizes, self.pre_eps, self.norm_eps
+            )
+        return pre, post, self._mix(z_res, ops)
+
+    def _mix(self, z_res: torch.Tensor, ops) -> torch.Tensor:
+        """H = mixer(θ_res); the Sinkhorn and iterative-Cayley mixers have Triton kernels (``hf_jpmhc.ops``)."""
+        mixer, n = self.mixer, self.num_streams
+        if ops is not None and isinstance(mixer, SinkhornMixer) and mixer.backward == "implicit" and mixer.eps == 0:
+            return ops.sinkhorn(z_res.unflatten(-1, (n, n)), mixer.iters, mixer.newton_steps, kernel_backend="triton")
+        if ops is not None and isinstance(mixer, StiefelMixer) and mixer.method == "iterative":
+            skew = skew_from_logits(z_res, mixer.skew_index, n)
+            return ops.cayley(skew, mixer.iters, kernel_backend="triton")
+        return mixer(z_res)
+
+    def _read(self, streams: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        ops = _fused_ops(self.kernel_backend, streams)
+        if ops is None and self.phi is not None:  # the CPU path: coefficients and collapse in one Function
+            u, post, z_res = HyperConnectionRead.apply(streams, self.phi, self.alpha, self.bias, self.split_sizes,
+                                                       self.pre_eps, self.norm_eps)  # fmt: skip
+            return u, post, self._mix(z_res, None)
+        pre, post, mixer = self.coefficients(streams)
+        u = collapse_streams(streams, pre) if ops is None else ops.collapse_streams(streams, pre, kernel_backend="triton")
+        return u, post, mixer
 
     def read(self, streams: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Branch input u = Σ preᵢ Xᵢ (B, T, C), plus the (post, H) that ``write`` needs."""
-        pre, post, mixer = self.coefficients(streams)
-        return collapse_streams(streams, pre), post, mixer
+        """Branch input u = Σ preᵢ Xᵢ (B, T, C), plus the (post, H) that ``write`` needs.
+
+        With ``recompute=True`` (mHC's recomputation) the coefficients, the mixer and the collapse are
+        recomputed in the backward pass: only the stream input X is kept for them.
+        """
+        if self.recompute and torch.is_grad_enabled():
+            return checkpoint(self._read, streams, use_reentrant=False)
+        return self._read(streams)
 
     def write(self, streams: torch.Tensor, branch: torch.Tensor, post: torch.Tensor, mixer: torch.Tensor) -> torch.Tensor:
         """X' = Hᵀ X + post ⊗ f."""
-        return update_streams(streams, mixer, post, branch)
+        ops = _fused_ops(self.kernel_backend, streams)
+        if ops is not None:
+            return ops.update_streams(streams, mixer, post, branch, kernel_backend="triton")
+        return StreamUpdate.apply(streams, mixer, post, branch)
 
     def extra_repr(self) -> str:
-        return f"num_streams={self.num_streams}, home_stream={self.home_stream}, dynamic={self.phi is not None}"
+        return (
+            f"num_streams={self.num_streams}, home_stream={self.home_stream}, dynamic={self.phi is not None}, "
+            f"kernel_backend={self.kernel_backend!r}, recompute={self.recompute}"
+        )
 
 
 class StreamCollapse(nn.Module):
@@ -136,8 +299,10 @@ class StreamCollapse(nn.Module):
     or the fixed mean w = 1/n. At init (Φ = 0, b = logit(1/n)) both give the mean, i.e. the plain residual."""
 
     def __init__(self, hidden_size: int, num_streams: int, *, learned: bool = True, alpha_init: float = 0.01,
-                 pre_eps: float = 0.0, norm_eps: float = 1e-6):  # fmt: skip
+                 pre_eps: float = 0.0, norm_eps: float = 1e-6, kernel_backend: str = "auto"):  # fmt: skip
         super().__init__()
+        _check_kernel_backend(kernel_backend)
+        self.kernel_backend = kernel_backend
         self.num_streams, self.alpha_init, self.pre_eps, self.norm_eps = num_streams, alpha_init, pre_eps, norm_eps
         if learned:
             self.phi = nn.Parameter(torch.empty(num_streams, num_streams * hidden_size))
@@ -162,9 +327,17 @@ class StreamCollapse(nn.Module):
         """w (…, n) in float32."""
         if self.phi is None:
             return streams.new_full((self.num_streams,), 1 / self.num_streams, dtype=torch.float32)
-        x = rms_norm_unweighted(streams.flatten(-2), self.norm_eps)
-        z = F.linear(x, self.phi.float()) * self.alpha.float() + self.bias.float()
-        return torch.sigmoid(z) + self.pre_eps
+        split_sizes = (self.num_streams, 0, 0)  # only "pre"-type read weights, σ(·) + eps
+        ops = _fused_ops(self.kernel_backend, streams)
+        alpha = self.alpha.expand(3)
+        if ops is not None:
+            return ops.hc_coefficients(streams, self.phi, alpha, self.bias, split_sizes, self.pre_eps, self.norm_eps,
+                                       kernel_backend="triton")[0]  # fmt: skip
+        return dynamic_coefficients(streams, self.phi, alpha, self.bias, split_sizes, self.pre_eps, self.norm_eps)[0]
 
     def forward(self, streams: torch.Tensor) -> torch.Tensor:
-        return collapse_streams(streams, self.weights(streams))
+        weights = self.weights(streams)
+        ops = _fused_ops(self.kernel_backend, streams)
+        if ops is not None:
+            return ops.collapse_streams(streams, weights, kernel_backend="triton")
+        return collapse_streams(streams, weights)

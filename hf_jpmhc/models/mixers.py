@@ -77,6 +77,18 @@ class Mixer(nn.Module):
     def init_logits(self) -> torch.Tensor:
         return torch.zeros(self.num_logits)
 
+    def constant_buffers(self) -> dict[str, torch.Tensor]:
+        """The constant bases (non-persistent buffers) by name, rebuilt from the mixer's shape alone.
+
+        ``from_pretrained`` re-creates non-persistent buffers empty, so the model's ``_init_weights`` refills
+        them from here.
+        """
+        return {}
+
+    def register_constant_buffers(self) -> None:
+        for name, value in self.constant_buffers().items():
+            self.register_buffer(name, value, persistent=False)
+
     def _eye(self, theta: torch.Tensor) -> torch.Tensor:
         return torch.eye(self.num_streams, dtype=theta.dtype, device=theta.device)
 
@@ -260,10 +272,13 @@ class PermutationMixer(Mixer):
 
     def __init__(self, num_streams: int):
         super().__init__(num_streams)
-        perms = list(itertools.permutations(range(num_streams)))  # perms[0] is the identity
-        self.num_logits = len(perms)
-        eye = torch.eye(num_streams)
-        self.register_buffer("permutations", torch.stack([eye[list(p)] for p in perms]), persistent=False)
+        self.num_logits = math.factorial(num_streams)
+        self.register_constant_buffers()
+
+    def constant_buffers(self) -> dict[str, torch.Tensor]:
+        eye = torch.eye(self.num_streams)
+        perms = itertools.permutations(range(self.num_streams))  # the first is the identity
+        return {"permutations": torch.stack([eye[list(p)] for p in perms])}  # (n!, n, n)
 
     def init_logits(self) -> torch.Tensor:
         logits = torch.zeros(self.num_logits)
@@ -315,8 +330,11 @@ class SpectralMixer(Mixer):
         m = num_streams - 1
         self.num_skew = m * (m - 1) // 2
         self.num_logits = 2 * self.num_skew + m
-        self.register_buffer("helmert", helmert_basis(num_streams).float(), persistent=False)
-        self.register_buffer("skew_index", torch.triu_indices(m, m, offset=1), persistent=False)
+        self.register_constant_buffers()
+
+    def constant_buffers(self) -> dict[str, torch.Tensor]:
+        m = self.num_streams - 1
+        return {"helmert": helmert_basis(self.num_streams).float(), "skew_index": torch.triu_indices(m, m, offset=1)}
 
     def init_logits(self) -> torch.Tensor:
         logits = torch.zeros(self.num_logits)
@@ -419,7 +437,10 @@ class StiefelMixer(Mixer):
         super().__init__(num_streams)
         self.num_logits = num_streams * (num_streams - 1) // 2
         self.method, self.iters = method, iters
-        self.register_buffer("skew_index", torch.triu_indices(num_streams, num_streams, offset=1), persistent=False)
+        self.register_constant_buffers()
+
+    def constant_buffers(self) -> dict[str, torch.Tensor]:
+        return {"skew_index": torch.triu_indices(self.num_streams, self.num_streams, offset=1)}
 
     def forward(self, theta: torch.Tensor) -> torch.Tensor:
         skew = skew_from_logits(theta, self.skew_index, self.num_streams)
@@ -450,10 +471,16 @@ class GrassmannMixer(Mixer):
         p = self.rank
         self.num_chart = (m - p) * p
         self.num_logits = self.num_chart + p * (p - 1) // 2
-        self.register_buffer("helmert", helmert_basis(num_streams).float(), persistent=False)
+        self.register_constant_buffers()
+
+    def constant_buffers(self) -> dict[str, torch.Tensor]:
+        m, p = self.num_streams - 1, self.rank
         chart_index = torch.stack(torch.meshgrid(torch.arange(p, m), torch.arange(p), indexing="ij")).flatten(1)
-        self.register_buffer("chart_index", chart_index, persistent=False)  # lower-left block of B
-        self.register_buffer("rotation_index", torch.triu_indices(p, p, offset=1), persistent=False)
+        return {
+            "helmert": helmert_basis(self.num_streams).float(),
+            "chart_index": chart_index,  # the lower-left block of B
+            "rotation_index": torch.triu_indices(p, p, offset=1),
+        }
 
     def forward(self, theta: torch.Tensor) -> torch.Tensor:
         n, m, p = self.num_streams, self.num_streams - 1, self.rank
@@ -495,8 +522,7 @@ MEAN_PRESERVING = {"identity", "sinkhorn", "permutation", "kronecker", "spectral
 
 def canonical_mixer_name(name: str) -> str:
     """Resolve a mixer name or paper alias; raise a ValueError listing the valid names otherwise."""
-    key = name.lower()
-    key = ALIASES.get(key, key)
+    key = ALIASES.get(name.lower(), name.lower()) if isinstance(name, str) else None
     if key not in MIXERS:
         valid = ", ".join(sorted(MIXERS)) + "; aliases: " + ", ".join(f"{a}→{t}" for a, t in ALIASES.items())
         raise ValueError(f"mixer={name!r} is not a known mixer. Valid values: {valid}")

@@ -27,7 +27,7 @@ from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_jpmhc import JPmHCConfig
 from .hyper_connection import HyperConnection, StreamCollapse, expand_streams
-from .mixers import build_mixer
+from .mixers import Mixer, build_mixer
 
 
 def build_hyper_connection(config, site: int, norm_eps: float) -> HyperConnection:
@@ -40,6 +40,8 @@ def build_hyper_connection(config, site: int, norm_eps: float) -> HyperConnectio
         alpha_init=config.hc_alpha_init,
         pre_eps=config.hc_pre_eps,
         norm_eps=norm_eps,
+        kernel_backend=config.kernel_backend,
+        recompute=config.hc_recompute,
     )
 
 
@@ -51,6 +53,7 @@ def build_stream_collapse(config, norm_eps: float) -> StreamCollapse:
         alpha_init=config.hc_alpha_init,
         pre_eps=config.hc_pre_eps,
         norm_eps=norm_eps,
+        kernel_backend=config.kernel_backend,
     )
 
 
@@ -117,9 +120,19 @@ class JPmHCPreTrainedModel(PreTrainedModel):
             init.zeros_(module.phi)
             init.constant_(module.bias, module.initial_bias)
             init.constant_(module.alpha, module.alpha_init)
+        elif isinstance(module, Mixer):  # from_pretrained re-creates non-persistent buffers empty
+            for name, value in module.constant_buffers().items():
+                init.copy_(getattr(module, name), value)
 
 
 class JPmHCModel(JPmHCPreTrainedModel):
+    """Embed → expand to n streams → decoder layers → collapse → norm.
+
+    ``output_hidden_states=True`` returns ``num_hidden_layers + 1`` tensors (transformers' Llama convention with
+    the streams kept): entry l < L is the residual entering layer l, all n streams ``(B, T, n, C)`` (entry 0 is the
+    expanded embedding); the last entry is ``last_hidden_state`` ``(B, T, C)``, collapsed and normed.
+    """
+
     def __init__(self, config: JPmHCConfig):
         super().__init__(config)
         self.padding_idx = config.pad_token_id

@@ -7,7 +7,7 @@ import os
 
 import torch
 
-KERNEL_BACKENDS = ("auto", "torch", "triton")
+from hf_jpmhc.models.configuration_hyper_connection import KERNEL_BACKENDS
 
 
 @functools.cache

@@ -1,0 +1,98 @@
+"""Benchmark 1: training-step time (forward + backward + AdamW) of JPmHC n = 4 against the plain Llama.
+
+Same Llama shape (≈21M parameters: hidden 512, 6 layers, vocab 4096), sequence 256, batch 8, float32 on CPU.
+The models run interleaved (one step of each per round) so that load on a shared machine hits all alike;
+the table reports the median step time and its ratio to Llama. Target (issue 5): ≤ 1.10×.
+
+    python benchmarks/bench_train_step.py [--repeats 5] [--mixers stiefel sinkhorn kronecker] [--compile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+from tqdm import tqdm
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from hf_jpmhc import JPmHCConfig, JPmHCForCausalLM
+
+LLAMA_SHAPE = dict(vocab_size=4096, hidden_size=512, intermediate_size=1376, num_hidden_layers=6,
+                   num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=512,
+                   pad_token_id=0, bos_token_id=1, eos_token_id=2)  # fmt: skip
+BATCH, SEQ = 8, 256
+
+
+def llama() -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(**LLAMA_SHAPE))
+
+
+def jpmhc(mixer: str, **options) -> JPmHCForCausalLM:
+    torch.manual_seed(0)
+    return JPmHCForCausalLM(JPmHCConfig(**LLAMA_SHAPE, num_streams=4, mixer=mixer, **options))
+
+
+def batch(seed: int = 0) -> torch.Tensor:
+    return torch.randint(3, LLAMA_SHAPE["vocab_size"], (BATCH, SEQ), generator=torch.Generator().manual_seed(seed))
+
+
+def train_step_fn(model: torch.nn.Module, compile_model: bool = False):
+    """A closure running one forward + backward + AdamW step on a fixed batch."""
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    forward = torch.compile(model) if compile_model else model
+    ids = batch()
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        forward(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+
+    return step
+
+
+def interleaved_medians(steps: dict, repeats: int, warmup: int = 1) -> dict[str, float]:
+    """Median wall time of each closure over ``repeats`` rounds, running every closure once per round."""
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in tqdm(range(repeats), desc="rounds"):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def print_table(title: str, medians: dict[str, float], baseline: str, unit: str = "s", target: str = "") -> None:
+    print(f"\n{title}")
+    print(f"{'model':<34} {'median ' + unit:>12} {'ratio':>8}")
+    for name, value in medians.items():
+        print(f"{name:<34} {value:>12.4f} {value / medians[baseline]:>7.3f}×")
+    if target:
+        print(target)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--mixers", nargs="+", default=["stiefel", "sinkhorn", "kronecker"])
+    parser.add_argument("--compile", action="store_true", help="torch.compile every model (same for Llama)")
+    args = parser.parse_args()
+    torch.set_num_threads(torch.get_num_threads())
+    steps = {"llama": train_step_fn(llama(), args.compile)}
+    for mixer in args.mixers:
+        steps[f"jpmhc n=4 {mixer}"] = train_step_fn(jpmhc(mixer), args.compile)
+    n_params = sum(p.numel() for p in llama().parameters())
+    medians = interleaved_medians(steps, args.repeats)
+    print_table(f"train step (fwd+bwd+AdamW), {n_params / 1e6:.1f}M-param Llama shape, batch {BATCH}, seq {SEQ}, "
+                f"{torch.get_num_threads()} threads, compile={args.compile}, {args.repeats} interleaved rounds",
+                medians, "llama", target="target: ratio ≤ 1.10×")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,60 @@
+"""Empirical Jacobian spectrum of the stream map X_L ← X_0 (SPEC §4): exact, or by randomised probing.
+
+Both work on any ``stream_map``: a function from streams (B, …) to streams (B, …) that treats the leading
+batch axis independently (true of every decoder stack: batch items never interact). The batch axis then
+carries the probes, so one forward and one backward give many vector-Jacobian products at once, through
+any autograd Function (the mixers' implicit backwards included).
+
+* ``exact_jacobian``: all N rows by N simultaneous VJPs (N = the stream size per item; small models).
+* ``jacobian_moment_estimates``: Hutchinson estimates of m₁ = tr(JJᵀ)/N = E‖Jᵀy‖²/N and
+  m₂ = tr((JJᵀ)²)/N = E‖JJᵀy‖²/N with Rademacher probes y; J(Jᵀy) is a JVP, obtained by differentiating
+  the VJP with respect to y (double backward). Memory is that of a batch of ``num_probes`` items.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+StreamMap = Callable[[torch.Tensor], torch.Tensor]
+
+
+def exact_jacobian(stream_map: StreamMap, streams: torch.Tensor, chunk_size: int | None = None) -> torch.Tensor:
+    """J = ∂ vec(X_L) / ∂ vec(X_0) (M, N) at one item ``streams`` (no batch axis): M VJPs, ``chunk_size`` at a time."""
+    with torch.no_grad():
+        num_out = stream_map(streams.unsqueeze(0)).numel()
+    chunk = chunk_size or num_out
+    rows = []
+    for start in range(0, num_out, chunk):
+        size = min(chunk, num_out - start)
+        inputs = streams.detach().unsqueeze(0).repeat(size, *([1] * streams.dim())).requires_grad_(True)
+        outputs = stream_map(inputs).flatten(1)  # (size, M)
+        seeds = torch.zeros_like(outputs)
+        seeds[torch.arange(size), start + torch.arange(size)] = 1.0  # item i asks for row start + i
+        (grad,) = torch.autograd.grad(outputs, inputs, seeds)
+        rows.append(grad.flatten(1))
+    return torch.cat(rows)
+
+
+def squared_singular_values(jacobian: torch.Tensor) -> torch.Tensor:
+    """Eigenvalues of JᵀJ (ascending, float64, clipped at 0)."""
+    j = jacobian.double()
+    return torch.linalg.eigvalsh(j.T @ j).clamp_min(0.0)
+
+
+def jacobian_moment_estimates(
+    stream_map: StreamMap, streams: torch.Tensor, num_probes: int = 32, generator: torch.Generator | None = None
+) -> tuple[float, float]:
+    """Hutchinson estimates (m₁, m₂) of tr(JJᵀ)/N and tr((JJᵀ)²)/N at one item ``streams`` (no batch axis)."""
+    if num_probes < 1:
+        raise ValueError(f"num_probes must be >= 1, got {num_probes}")
+    inputs = streams.detach().unsqueeze(0).repeat(num_probes, *([1] * streams.dim())).requires_grad_(True)
+    outputs = stream_map(inputs)
+    probes = (torch.randint(0, 2, outputs.shape, generator=generator) * 2 - 1).to(outputs.dtype).requires_grad_(True)
+    (vjp,) = torch.autograd.grad(outputs, inputs, probes, create_graph=True)  # Jᵀy
+    (jjt_y,) = torch.autograd.grad(vjp, probes, vjp.detach())  # J(Jᵀy) = JJᵀy
+    size = streams.numel()
+    m1 = vjp.detach().flatten(1).square().sum(1).mean().item() / size
+    m2 = jjt_y.flatten(1).square().sum(1).mean().item() / outputs[0].numel()
+    return m1, m2

@@ -1,0 +1,20 @@
+"""Iterative Cayley transform Cayley(A) = (I − A/2)⁻¹(I + A/2) for the Stiefel mixer (JPmHC, SPEC §2)."""
+
+from __future__ import annotations
+
+import torch
+
+from .._backend import resolve_backend
+from .naive import cayley_reference
+
+
+def cayley(skew: torch.Tensor, iters: int = 12, kernel_backend: str = "auto") -> torch.Tensor:
+    """H = Cayley(A) for skew A (…, n, n) with ‖A/2‖₂ < 1, by ``iters`` fixed-point steps; saves only H."""
+    if resolve_backend(kernel_backend, skew) == "triton":
+        from .fused import cayley_triton
+
+        return cayley_triton(skew, iters)
+    return cayley_reference(skew, iters)
+
+
+__all__ = ["cayley", "cayley_reference"]

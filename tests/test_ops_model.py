@@ -1,0 +1,141 @@
+"""The kernels inside the model, the recompute switch, the implicit backward's memory and the compiled torch path."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hf_jpmhc import JPmHCConfig, JPmHCForCausalLM, ops
+from hf_jpmhc.models.hyper_connection import HyperConnection
+from hf_jpmhc.models.mixers import build_mixer
+from tests.conftest import tiny_llama_kwargs
+
+
+def _loss_and_grads(model, ids):
+    model.zero_grad()
+    out = model(ids, labels=ids)
+    out.loss.backward()
+    return out.logits.detach(), {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+
+
+def _perturbed_model(**config) -> JPmHCForCausalLM:
+    """A tiny model with non-trivial (non-init) hyper-connection weights, so every path carries signal."""
+    torch.manual_seed(0)
+    model = JPmHCForCausalLM(JPmHCConfig(**tiny_llama_kwargs(), num_streams=4, **config))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "_hc." in name or "stream_collapse" in name:
+                p.add_(torch.randn_like(p) * (0.02 if p.ndim == 2 else 0.3))
+    return model
+
+
+def _assert_same_run(reference, candidate, ids, atol=1e-5):
+    logits_r, grads_r = _loss_and_grads(reference, ids)
+    logits_c, grads_c = _loss_and_grads(candidate, ids)
+    torch.testing.assert_close(logits_c, logits_r, atol=atol, rtol=1e-5)
+    assert grads_c.keys() == grads_r.keys()
+    for name in grads_r:
+        scale = max(1.0, grads_r[name].abs().max().item())
+        torch.testing.assert_close(grads_c[name], grads_r[name], atol=atol * scale, rtol=1e-4, msg=name)
+
+
+@pytest.mark.triton
+@pytest.mark.skipif(not ops.triton_available(), reason="triton is not importable: the fused kernels cannot run")
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # masked log(0) of the padded Sinkhorn rows in numpy
+@pytest.mark.parametrize(("mixer", "options"), [("sinkhorn", {}), ("stiefel", {"cayley_method": "iterative"})])
+def test_triton_backend_matches_torch_in_the_model(mixer, options):
+    ids = torch.randint(3, 128, (2, 6))
+    reference = _perturbed_model(mixer=mixer, kernel_backend="torch", **options)
+    fused = _perturbed_model(mixer=mixer, kernel_backend="triton", **options)
+    _assert_same_run(reference, fused, ids)
+
+
+@pytest.mark.parametrize("mixer", ["stiefel", "sinkhorn", "kronecker"])
+def test_recompute_gives_the_same_gradients(mixer):
+    ids = torch.randint(3, 128, (2, 12))
+    _assert_same_run(_perturbed_model(mixer=mixer), _perturbed_model(mixer=mixer, hc_recompute=True), ids, atol=1e-6)
+
+
+def _saved_bytes(fn) -> int:
+    """Bytes saved for backward while ``fn`` runs (each storage counted once)."""
+    storages: dict[int, int] = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(storages.values())
+
+
+def _hc_step_saved_bytes(**mixer_options) -> int:
+    hc = HyperConnection(32, build_mixer("sinkhorn", 4, **mixer_options))
+    streams = torch.randn(2, 16, 4, 32, requires_grad=True)
+    return _saved_bytes(lambda: hc.write(streams, torch.randn(2, 16, 32), *hc.read(streams)[1:]))
+
+
+def test_implicit_sinkhorn_memory_does_not_grow_with_iterations():
+    one, many = _hc_step_saved_bytes(sinkhorn_iters=1), _hc_step_saved_bytes(sinkhorn_iters=20)
+    assert many == one
+    unrolled = _hc_step_saved_bytes(sinkhorn_iters=20, sinkhorn_backward="unrolled")
+    assert unrolled > 2 * many  # the control: unrolled autograd keeps every round
+
+
+def test_recompute_stores_less():
+    ids = torch.randint(3, 128, (2, 16))
+    plain, recomputed = _perturbed_model(mixer="sinkhorn"), _perturbed_model(mixer="sinkhorn", hc_recompute=True)
+    assert _saved_bytes(lambda: recomputed(ids, labels=ids)) < _saved_bytes(lambda: plain(ids, labels=ids))
+
+
+@pytest.mark.parametrize(("mixer", "options"), [("stiefel", {}), ("sinkhorn", {}), ("kronecker", {})])
+def test_torch_path_has_no_graph_breaks(mixer, options):
+    """torch.compile traces a hyper-connection read + write as one graph (dynamo only, no codegen: cheap)."""
+    hc = HyperConnection(16, build_mixer(mixer, 4, **options), kernel_backend="torch")
+
+    def step(streams, branch):
+        u, post, h = hc.read(streams)
+        return hc.write(streams, branch * u, post, h)
+
+    explanation = torch._dynamo.explain(step)(torch.randn(2, 3, 4, 16), torch.randn(2, 3, 16))
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    assert explanation.graph_count == 1
+
+
+def test_hyper_connection_rejects_unknown_backend():
+    with pytest.raises(ValueError, match="kernel_backend must be one of"):
+        HyperConnection(8, build_mixer("stiefel", 2), kernel_backend="cuda")
+
+
+def test_cpu_path_backwards_match_autograd_of_the_references():
+    """HyperConnectionRead / StreamUpdate (hand-written backwards) equal autograd through the reference ops."""
+    from hf_jpmhc.models.hyper_connection import (
+        HyperConnectionRead,
+        StreamUpdate,
+        collapse_streams,
+        dynamic_coefficients,
+        update_streams,
+    )
+
+    split = (4, 4, 6)
+    inputs = [torch.randn(2, 3, 4, 5), torch.randn(14, 20), torch.rand(3), torch.randn(14)]
+
+    def reference(x, phi, alpha, bias):
+        pre, post, z_res = dynamic_coefficients(x, phi, alpha, bias, split, 0.01, 1e-6)
+        return collapse_streams(x, pre), post, z_res
+
+    def fused(x, phi, alpha, bias):
+        return HyperConnectionRead.apply(x, phi, alpha, bias, split, 0.01, 1e-6)
+
+    # the static (n,) post and (n, n) mixer broadcast over tokens: their gradients sum over them
+    update_inputs = [torch.randn(2, 3, 4, 5), torch.randn(4, 4), torch.rand(4), torch.randn(2, 3, 5)]
+    for fn_ref, fn_new, xs in [(reference, fused, inputs), (update_streams, StreamUpdate.apply, update_inputs)]:
+        results = []
+        for fn in (fn_ref, fn_new):
+            leaves = [x.clone().requires_grad_(True) for x in xs]
+            outs = fn(*leaves)
+            outs = outs if isinstance(outs, tuple) else (outs,)
+            cotangents = [torch.randn(o.shape, generator=torch.Generator().manual_seed(i)) for i, o in enumerate(outs)]
+            results.append(outs + torch.autograd.grad(outs, leaves, cotangents))
+        for got, want in zip(*reversed(results), strict=True):
+            torch.testing.assert_close(got, want, atol=2e-6, rtol=1e-5)

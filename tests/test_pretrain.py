@@ -1,0 +1,186 @@
+"""training/pretrain.py and training/common.py: an end-to-end run, exact kill-and-resume, DDP = 1 process,
+the offline text pipeline, and the errors a user can hit.
+
+The 2-process DDP check is ``slow``: ``pytest -m slow tests/test_pretrain.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from hf_jpmhc.data.text import build_lm_datasets, byte_tokenizer, load_text_dataset, load_tokenizer, strip_gutenberg
+from training import pretrain
+from training.common import read_jsonl
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_MODEL = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+              "num_key_value_heads": 1, "max_position_embeddings": 64, "num_streams": 4, "mixer": "stiefel"}  # fmt: skip
+MAX_STEPS = 12
+
+
+def run_args(output_dir: Path, model_json: Path, **overrides) -> list[str]:
+    """A tiny byte-level run on the offline Shakespeare data: 12 updates of 4 × 32 tokens."""
+    settings = dict(output_dir=output_dir, model=model_json, tokenizer="byte", block_size=32, batch_size=4,
+                    max_steps=MAX_STEPS, warmup_steps=2, learning_rate=1e-2, log_every=1, eval_every=6,
+                    eval_blocks=16, save_every=3, save_total_limit=2, seed=1)  # fmt: skip
+    settings.update(overrides)
+    return [f"--{k}={v}" for k, v in settings.items()]
+
+
+@pytest.fixture(scope="module")
+def model_json(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("model") / "tiny.json"
+    path.write_text(json.dumps(TINY_MODEL))
+    return path
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, model_json) -> tuple[Path, dict]:
+    """One uninterrupted run, in this process: the reference curve for the resume and DDP checks."""
+    output_dir = tmp_path_factory.mktemp("uninterrupted")
+    metrics = pretrain.main(run_args(output_dir, model_json))
+    return output_dir, metrics
+
+
+def curve(output_dir: Path, key: str = "loss") -> dict[int, float]:
+    return {r["step"]: r[key] for r in read_jsonl(output_dir / "logs" / "metrics.jsonl") if key in r}
+
+
+def test_end_to_end_run_saves_a_hub_ready_checkpoint(uninterrupted):
+    output_dir, metrics = uninterrupted
+    losses = curve(output_dir)
+    assert sorted(losses) == list(range(1, MAX_STEPS + 1))
+    assert losses[MAX_STEPS] < losses[1] - 1.0  # byte-level Shakespeare: ~5.6 nats at init, ~3.5 after 12 steps
+    assert sorted(curve(output_dir, "val_loss")) == [6, 12]
+
+    final = output_dir / "final"
+    config = json.loads((final / "config.json").read_text())
+    assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_jpmhc.JPmHCForCausalLM"
+    for name in ("modeling_jpmhc.py", "mixers.py", "model.safetensors", "tokenizer.json", "README.md"):
+        assert (final / name).is_file(), name
+    card = (final / "README.md").read_text()
+    assert "## Training" in card and f"{MAX_STEPS} / " in card and "perplexity" in card
+    assert sorted(p.name for p in (output_dir / "checkpoints").iterdir()) == ["checkpoint-12", "checkpoint-9"]
+
+    # The saved model and tokenizer reproduce the logged validation loss.
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(final).eval()
+    tokenizer = AutoTokenizer.from_pretrained(final)
+    val = build_lm_datasets("shakespeare", tokenizer, 32, seed=1).with_format("torch")["validation"]
+    blocks = val[:16]["input_ids"]
+    loss = pretrain.block_losses(model, blocks).mean().item()
+    assert loss == pytest.approx(metrics["val_loss"], abs=1e-5)
+
+
+def test_kill_and_resume_reproduces_the_uninterrupted_curve(uninterrupted, model_json, tmp_path):
+    reference, _ = uninterrupted
+    args = run_args(tmp_path, model_json)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen([sys.executable, "training/pretrain.py", *args], cwd=REPO, env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)  # fmt: skip
+    for line in process.stdout:  # kill -9 as soon as the first checkpoint is announced
+        if "saved checkpoint" in line:
+            process.send_signal(signal.SIGKILL)
+            break
+    process.wait()
+    assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    killed_at = max(curve(tmp_path))
+    assert killed_at < MAX_STEPS and not (tmp_path / "final").exists()
+
+    pretrain.main([*args, "--resume"])
+    resumed, expected = curve(tmp_path), curve(reference)
+    assert sorted(resumed) == sorted(expected)
+    assert max(abs(resumed[s] - expected[s]) for s in expected) <= 1e-6
+    assert curve(tmp_path, "val_loss") == pytest.approx(curve(reference, "val_loss"), abs=1e-6)
+
+
+@pytest.mark.slow
+def test_two_process_ddp_matches_one_process(uninterrupted, model_json, tmp_path):
+    """Same global batch (4 sequences: 2 per process), same seed: the curves agree to float32 reduction order."""
+    reference, _ = uninterrupted
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "training/configs/ddp_cpu.yaml",
+           "--main_process_port", str(port), "training/pretrain.py", *run_args(tmp_path, model_json)]  # fmt: skip
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 process(es)" in result.stdout
+    ddp, single = curve(tmp_path), curve(reference)
+    assert sorted(ddp) == sorted(single)
+    # Tolerance: DDP averages two half-batch gradients; summation order differs from one process by ~1e-7
+    # relative per step, which AdamW can amplify slightly over 12 steps.
+    assert max(abs(ddp[s] - single[s]) for s in single) <= 1e-4
+
+
+# ----------------------------------------------------------------------------------------------------
+# data and errors
+# ----------------------------------------------------------------------------------------------------
+
+
+def test_gutenberg_framing_is_stripped():
+    text = ("The Project Gutenberg EBook of Hamlet\nlicence...\n*** START OF THIS PROJECT GUTENBERG EBOOK HAMLET ***\n"
+            "To be, or not to be\n*** END OF THIS PROJECT GUTENBERG EBOOK HAMLET ***\nmore licence\n")  # fmt: skip
+    assert strip_gutenberg(text) == "To be, or not to be\n"
+    plays = load_text_dataset("shakespeare")["text"]
+    assert len(plays) == 42 and not any("Gutenberg" in play for play in plays)
+    assert any("To be, or not to be" in play for play in plays)
+
+
+def test_byte_tokenizer_round_trips_and_reloads(tmp_path):
+    from transformers import AutoTokenizer
+
+    tokenizer = byte_tokenizer()
+    text = "O Romeo, Romeo! — wherefore art thou? 🌹"
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert ids == list(text.encode("utf-8")) and tokenizer.decode(ids) == text
+    tokenizer.save_pretrained(tmp_path)
+    assert AutoTokenizer.from_pretrained(tmp_path)(text, add_special_tokens=False)["input_ids"] == ids
+
+
+def test_local_jsonl_with_a_named_text_column(tmp_path):
+    rows = [{"id": i, "body": f"document {i} " * 40} for i in range(6)]
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = build_lm_datasets(str(tmp_path / "docs.jsonl"), byte_tokenizer(), 16, text_column="body", val_fraction=0.1)
+    assert data["train"][0]["input_ids"].__len__() == 16
+    total = sum(len(r["body"].encode()) + 1 for r in rows)
+    assert len(data["train"]) + len(data["validation"]) == total // 16
+    with pytest.raises(ValueError, match=r"text_column='text' is not a column .*\['id', 'body'\]"):
+        load_text_dataset(str(tmp_path / "docs.jsonl"))
+
+
+def test_block_size_above_max_position_embeddings_is_refused(model_json, tmp_path):
+    with pytest.raises(ValueError, match="block_size=128 exceeds the model's max_position_embeddings=64"):
+        pretrain.main(run_args(tmp_path, model_json, block_size=128))
+
+
+def test_missing_tokenizer_is_refused(model_json, tmp_path):
+    with pytest.raises(ValueError, match="tokenizer='/no/such/tokenizer' could not be loaded"):
+        load_tokenizer("/no/such/tokenizer")
+    with pytest.raises(ValueError, match="tokenizer='/no/such/tokenizer' could not be loaded"):
+        pretrain.main(run_args(tmp_path, model_json, tokenizer="/no/such/tokenizer"))
+
+
+def test_unknown_yaml_key_and_preset_are_refused(tmp_path):
+    (tmp_path / "bad.yaml").write_text("max_step: 10\n")
+    with pytest.raises(ValueError, match=r"unknown setting\(s\) \['max_step'\]"):
+        pretrain.parse_config(["--config", str(tmp_path / "bad.yaml")])
+    config = pretrain.parse_config(["--model", "jpmhc-huge"])
+    with pytest.raises(ValueError, match="model='jpmhc-huge' is neither a preset .*jpmhc-tiny"):
+        pretrain.model_config_from(config, 257, byte_tokenizer())
+
+
+def test_presets_build_with_mixer_overrides():
+    config = pretrain.parse_config(["--config", str(REPO / "training/configs/demo.yaml"), "--mixer", "mhc", "--num_streams", "2"])
+    model_config = pretrain.model_config_from(config, 257, byte_tokenizer())
+    assert (model_config.mixer, model_config.num_streams, model_config.vocab_size) == ("sinkhorn", 2, 257)
+    assert config.output_dir == "runs/demo" and config.tokenizer == "smollm2"
