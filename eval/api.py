@@ -61,6 +61,8 @@ def eval_results_for_card(results: dict[str, dict]):
     for name, result in results.items():
         dataset_type, config, dataset_name, split, task_type = CARD_DATASETS[name]
         offline = result["source"] != "hub"
+        if result["dataset"].startswith("BBH-style"):
+            dataset_type = "bbh-style"  # not lukaemon/bbh: other items from the same BIG-bench pools
         for metric, value in result["metrics"].items():
             entries.append(EvalResult(
                 task_type=task_type,
@@ -72,7 +74,6 @@ def eval_results_for_card(results: dict[str, dict]):
                 metric_type=metric,
                 metric_name=f"{metric} ({result['num_examples']} examples)",
                 metric_value=round(100 * value, 2),
-                source_name="hf_jpmhc eval",
             ))  # fmt: skip
     return entries
 
@@ -123,6 +124,7 @@ def evaluate_model(
         raise ValueError(f"limit must be a positive integer or None, got {limit}")
     if num_fewshot is not None and num_fewshot < 0:
         raise ValueError(f"num_fewshot must be ≥ 0 or None, got {num_fewshot}")
+    tasks = tasks.split(",") if isinstance(tasks, str) else list(tasks)
     task_objects = [get_task(name) for name in tasks]  # validates the names first
     if update_card and not (isinstance(model, (str, Path)) and Path(model).is_dir()):
         raise ValueError("update_card needs model to be a local checkpoint directory")

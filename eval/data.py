@@ -77,7 +77,7 @@ def load_rows(
         else:
             try:
                 return hub(), "hub"
-            except Exception as error:  # noqa: BLE001 — any Hub failure falls back to the cache
+            except Exception as error:  # any Hub failure falls back to the cache
                 if source == "hub":
                     raise DataUnavailableError(f"{task}/{split}: could not load from the Hub: {error}") from error
                 reason = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"

@@ -101,9 +101,9 @@ class CausalLM:
         if not context_ids:  # an empty context conditions on the BOS (or EOS) token
             prefix = self.tokenizer.bos_token_id if self.tokenizer.bos_token_id is not None else self.pad_token_id
             return [prefix], whole_ids
-        continuation_ids = whole_ids[len(context_ids) :]
-        if whole_ids[: len(context_ids)] != context_ids or not continuation_ids:
-            continuation_ids = self.encode(continuation)  # tokens merged across the boundary
+        continuation_ids = whole_ids[len(context_ids) :]  # lm-eval's split, also when tokens merge across it
+        if not continuation_ids:
+            raise ValueError(f"continuation {request.continuation!r} encodes to no tokens after its context")
         return context_ids, continuation_ids
 
     @torch.no_grad()

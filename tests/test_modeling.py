@@ -211,6 +211,22 @@ def test_bfloat16_load_keeps_hyper_connections_float32(mixer, checkpoints):
     assert generated.shape == (2, ids.shape[1] + 4)
 
 
+@pytest.mark.parametrize("mixer", ["sinkhorn", "grassmann"])
+def test_static_coefficients_and_mean_collapse(mixer, tmp_path):
+    """``dynamic=False`` (no Φ) with the fixed-mean collapse: generation with/without cache and save → load."""
+    model = tiny_model(mixer, dynamic=False, hc_collapse="mean")
+    assert all(not name.endswith("phi") for name, _ in model.named_parameters())
+    assert model.model.stream_collapse.phi is None
+    ids = token_batch(length=5)
+    generate = dict(max_new_tokens=8, min_new_tokens=8, do_sample=False)
+    generated = model.generate(ids, use_cache=True, **generate)
+    assert torch.equal(generated, model.generate(ids, use_cache=False, **generate))
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert not loaded.config.dynamic and loaded.config.hc_collapse == "mean"
+    assert torch.equal(loaded(ids).logits, model(ids).logits)
+
+
 @pytest.mark.parametrize("mixer", ["identity", "sinkhorn", "stiefel"])
 def test_output_hidden_states_shapes(mixer):
     model = tiny_model(mixer)

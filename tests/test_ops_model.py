@@ -139,3 +139,13 @@ def test_cpu_path_backwards_match_autograd_of_the_references():
             results.append(outs + torch.autograd.grad(outs, leaves, cotangents))
         for got, want in zip(*reversed(results), strict=True):
             torch.testing.assert_close(got, want, atol=2e-6, rtol=1e-5)
+
+
+def test_compiled_stream_update_matches_eager():
+    """Under torch.compile, update_streams takes its broadcast-and-reduce form: same numbers as the matmul."""
+    from hf_jpmhc.models.hyper_connection import update_streams
+
+    streams, mixer = torch.randn(2, 3, 4, 8), torch.randn(2, 3, 4, 4)
+    post, branch = torch.rand(2, 3, 4), torch.randn(2, 3, 8)
+    compiled = torch.compile(update_streams, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(streams, mixer, post, branch), update_streams(streams, mixer, post, branch))

@@ -3,8 +3,9 @@
 
 The fresh venv is real (``python -m venv --without-pip``) but borrows this venv's third-party packages
 through a ``deps.pth`` path line: a path in a .pth file is added to ``sys.path``, while the .pth files *inside*
-that directory — among them hf_jpmhc's editable-install hook — are not processed. The child asserts that
-``import hf_jpmhc`` fails before it loads anything.
+that directory — among them hf_jpmhc's editable-install hook — are not processed. (With a regular install the
+site-packages are mirrored by symlinks without hf_jpmhc.) The child asserts that ``import hf_jpmhc`` fails
+before it loads anything.
 """
 
 import json
@@ -58,8 +59,22 @@ CHILD = textwrap.dedent(
 )
 
 
-def fresh_venv(root: Path) -> Path:
-    """A new venv without pip whose sys.path also holds this venv's site-packages; returns its python."""
+def dependencies_without_hf_jpmhc(target: Path) -> list[Path]:
+    """This venv's site-packages, as is when hf_jpmhc is installed editable (its hook is a .pth file, which a
+    path line does not process); otherwise mirrored into ``target`` by symlinks, leaving hf_jpmhc out."""
+    roots = sorted({Path(sysconfig.get_paths()[key]) for key in ("purelib", "platlib")})
+    if not any((root / "hf_jpmhc").exists() for root in roots):
+        return roots
+    target.mkdir()
+    for root in roots:
+        for entry in root.iterdir():
+            if not entry.name.startswith("hf_jpmhc") and not (target / entry.name).exists():
+                (target / entry.name).symlink_to(entry)
+    return [target]
+
+
+def fresh_venv(root: Path, dependencies: list[Path]) -> Path:
+    """A new venv without pip whose sys.path also holds ``dependencies`` (via deps.pth); returns its python."""
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(root)], check=True)
     python = root / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
     purelib = subprocess.run(
@@ -67,8 +82,7 @@ def fresh_venv(root: Path) -> Path:
         check=True, capture_output=True, text=True,
     ).stdout.strip()  # fmt: skip
     Path(purelib).mkdir(parents=True, exist_ok=True)
-    ours = {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}
-    (Path(purelib) / "deps.pth").write_text("\n".join(sorted(ours)) + "\n")
+    (Path(purelib) / "deps.pth").write_text("".join(f"{path}\n" for path in dependencies))
     return python
 
 
@@ -88,7 +102,7 @@ def test_checkpoint_loads_as_remote_code_without_hf_jpmhc(tmp_path):
         generated = model.generate(ids, max_new_tokens=6, min_new_tokens=6, do_sample=False)
         checkpoints[mixer], references[mixer] = str(directory), (logits, generated)
 
-    python = fresh_venv(tmp_path / "venv")
+    python = fresh_venv(tmp_path / "venv", dependencies_without_hf_jpmhc(tmp_path / "deps"))
     workdir = tmp_path / "cwd"  # not the repository, whose hf_jpmhc/ would be importable from the cwd
     workdir.mkdir()
     env = {key: value for key, value in os.environ.items() if key not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")}

@@ -25,7 +25,6 @@ from transformers import (
     pipeline,
 )
 
-import hf_jpmhc
 from hf_jpmhc import (
     MIXERS,
     HyperConnectionConfig,
@@ -35,6 +34,7 @@ from hf_jpmhc import (
     convert_vit,
 )
 from hf_jpmhc.data.images import load_image_dataset
+from hf_jpmhc.model_card import save_pretrained_with_card
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -122,8 +122,19 @@ CONVERSION_CASES = {  # id → (model class, overrides): patch sizes, label coun
 }
 
 
-@pytest.mark.parametrize("case", CONVERSION_CASES)
-@pytest.mark.parametrize("mixer", MIXERS)
+FAST_CONVERSIONS = {("patch7-10labels", mixer) for mixer in MIXERS} | {
+    (case, mixer) for case in CONVERSION_CASES for mixer in ("stiefel", "sinkhorn")
+}
+
+
+@pytest.mark.parametrize(
+    "case, mixer",
+    [
+        pytest.param(case, mixer, id=f"{mixer}-{case}", marks=() if (case, mixer) in FAST_CONVERSIONS else pytest.mark.slow)
+        for case in CONVERSION_CASES
+        for mixer in MIXERS
+    ],
+)
 def test_conversion_preserves_the_function(case, mixer):
     model_class, overrides = CONVERSION_CASES[case]
     source = random_vit(model_class, **overrides)
@@ -170,9 +181,9 @@ def test_conversion_rejects_invalid_input(tmp_path):
 def test_converted_model_trains_and_its_streams_diverge():
     model = convert_vit(random_vit(), num_streams=4, mixer="stiefel").train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    x, labels = pixels(model.config, batch=8), torch.arange(8)
+    x, labels = pixels(model.config, batch=4), torch.arange(4)
     losses = []
-    for _ in range(5):
+    for _ in range(3):
         loss = model(pixel_values=x, labels=labels).loss
         loss.backward()
         optimizer.step()
@@ -194,10 +205,12 @@ def saved_checkpoint(tmp_path_factory) -> tuple[Path, torch.Tensor, torch.Tensor
 
     directory = tmp_path_factory.mktemp("jpmhc_vit")
     names = [str(d) for d in range(10)]
-    source = random_vit(id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)})
-    model = convert_vit(source, num_streams=4, mixer="sinkhorn")
-    hf_jpmhc.model_card.save_pretrained_with_card(model, directory)
-    ViTImageProcessor(do_resize=False, size={"height": 28, "width": 28}, image_mean=[0.5], image_std=[0.5]).save_pretrained(directory)
+    # RGB: pipeline("image-classification") converts every image to RGB, as does training/finetune_vision.py
+    source = random_vit(num_channels=3, id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)})
+    model = convert_vit(source, num_streams=4, mixer="stiefel")
+    save_pretrained_with_card(model, directory)
+    processor = ViTImageProcessor(do_resize=False, size={"height": 28, "width": 28}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    processor.save_pretrained(directory)
     x = pixels(model.config)
     with torch.no_grad():
         return directory, x, model(pixel_values=x).logits
@@ -252,13 +265,14 @@ def test_image_classification_pipeline_on_real_digits(saved_checkpoint):
     from transformers import AutoImageProcessor
 
     directory, _, _ = saved_checkpoint
-    images = load_image_dataset("mnist_5k")["test"].select(range(4))["image"]
+    images = list(load_image_dataset("mnist_5k")["test"].select(range(4))["image"])  # greyscale PIL images
     classifier = pipeline("image-classification", model=str(directory), top_k=3)
-    predictions = classifier(list(images))
+    predictions = classifier(images)
     model = AutoModelForImageClassification.from_pretrained(directory)
     processor = AutoImageProcessor.from_pretrained(directory)
     with torch.no_grad():
-        probabilities = model(**processor(images=list(images), return_tensors="pt")).logits.softmax(-1)
+        rgb = [image.convert("RGB") for image in images]
+        probabilities = model(**processor(images=rgb, return_tensors="pt")).logits.softmax(-1)
     for prediction, p in zip(predictions, probabilities, strict=True):
         assert len(prediction) == 3
         assert prediction[0]["label"] == model.config.id2label[int(p.argmax())]

@@ -70,6 +70,8 @@ def build_accelerator(
 
     ``mixed_precision`` is "no", "fp16" or "bf16" (autocast; master weights stay float32). The data order
     of epoch e is seeded by ``seed + e``; TensorBoard logs go to ``output_dir/logs`` when it is installed.
+    On a machine with no accelerator device, ``cpu=True`` lets processes started by ``accelerate launch
+    --multi_gpu`` (torchrun) join a gloo process group: Accelerate only forms a CPU group when told ``cpu``.
     """
     if mixed_precision not in MIXED_PRECISIONS:
         raise ValueError(f"mixed_precision must be one of {MIXED_PRECISIONS}, got {mixed_precision!r}")
@@ -77,6 +79,7 @@ def build_accelerator(
         raise ValueError(f"gradient_accumulation_steps must be >= 1, got {gradient_accumulation_steps}")
     output_dir = Path(output_dir)
     return Accelerator(
+        cpu=not torch.accelerator.is_available(),
         mixed_precision=mixed_precision,
         gradient_accumulation_plugin=GradientAccumulationPlugin(
             num_steps=gradient_accumulation_steps, sync_with_dataloader=False
@@ -306,7 +309,9 @@ def train_loop(
     loss (mean over micro-batches and processes), learning rate, gradient norm and items/s go to ``logger``;
     every ``eval_every`` updates (and at the end) ``evaluate(model)``; every ``save_every`` updates (and at
     the end) a checkpoint. ``stop_after`` ends early at that step, after a checkpoint — a scheduled
-    preemption: the LR schedule still runs to ``max_steps`` and ``--resume`` continues.
+    preemption: the LR schedule still runs to ``max_steps`` and ``--resume`` continues. A resumed run logs
+    the same records as an uninterrupted one when checkpoints fall on log steps (``save_every`` a multiple
+    of ``log_every``); otherwise its first record averages fewer updates.
     """
     accum = accelerator.gradient_accumulation_steps
     metrics: dict[str, float] = {}

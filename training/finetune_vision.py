@@ -126,16 +126,21 @@ def parse_config(argv: list[str] | None = None) -> FinetuneVisionConfig:
 
 
 def build_image_processor(image_size: int) -> ViTImageProcessor:
-    """Greyscale pixels in [0, 255] → [−1, 1], no resizing (the model is built for the data's resolution)."""
+    """RGB pixels in [0, 255] → [−1, 1], no resizing (the model is built for the data's resolution)."""
     return ViTImageProcessor(do_resize=False, size={"height": image_size, "width": image_size},
-                             image_mean=[0.5], image_std=[0.5])  # fmt: skip
+                             image_mean=[0.5] * 3, image_std=[0.5] * 3)  # fmt: skip
 
 
 def with_pixel_values(dataset, processor):
-    """``dataset`` yielding ``pixel_values`` (1, H, W) float32 and ``labels``, processed batch by batch on access."""
+    """``dataset`` yielding ``pixel_values`` (3, H, W) float32 and ``labels``, processed batch by batch on access.
+
+    Greyscale images become RGB (three equal channels), as ``pipeline("image-classification")`` converts every
+    input image to RGB: the trained model then classifies any image the pipeline is given.
+    """
 
     def transform(batch: dict) -> dict:
-        pixel_values = processor(images=batch["image"], return_tensors="pt").pixel_values  # (B, 1, H, W)
+        images = [image.convert("RGB") for image in batch["image"]]
+        pixel_values = processor(images=images, return_tensors="pt").pixel_values  # (B, 3, H, W)
         return {"pixel_values": pixel_values, "labels": torch.tensor(batch["label"])}
 
     return dataset.with_transform(transform)
@@ -155,7 +160,7 @@ def build_model(config: FinetuneVisionConfig, image_size: int, labels: list[str]
     head = dict(num_labels=len(labels), id2label=dict(enumerate(labels)), label2id={n: i for i, n in enumerate(labels)})
     if config.init_from is None:
         vit = ViTForImageClassification(ViTConfig(
-            image_size=image_size, patch_size=config.patch_size, num_channels=1, hidden_size=config.hidden_size,
+            image_size=image_size, patch_size=config.patch_size, num_channels=3, hidden_size=config.hidden_size,
             num_hidden_layers=config.num_hidden_layers, num_attention_heads=config.num_attention_heads,
             intermediate_size=config.intermediate_size, **head,
         ))  # fmt: skip

@@ -268,22 +268,24 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         accelerator.print(f"resumed from {resumed} (step {state.step})")
     logger = MetricsLogger(accelerator, output_dir / "logs", resume_step=state.step if resumed else None,
                            run_config=dataclasses.asdict(config))  # fmt: skip
+    unwrapped = accelerator.unwrap_model(model)
     accelerator.print(
-        f"{model.config.mixer} mixer, n={model.config.num_streams}: "
-        f"{accelerator.unwrap_model(model).num_parameters():,} parameters; "
+        f"{unwrapped.config.mixer} mixer, n={unwrapped.config.num_streams}: {unwrapped.num_parameters():,} parameters; "
         f"{len(data['train']):,} training blocks of {config.block_size} tokens; {accelerator.num_processes} process(es)"
     )
     start = time.perf_counter()
+    evaluate = make_evaluator(accelerator, val_loader)
     metrics = train_loop(
         accelerator, model, optimizer, scheduler, train_loader, lm_loss, state,
         max_steps=config.max_steps, logger=logger, checkpoints=checkpoints, save_every=config.save_every,
-        evaluate=make_evaluator(accelerator, val_loader), eval_every=config.eval_every, log_every=config.log_every,
+        evaluate=evaluate, eval_every=config.eval_every, log_every=config.log_every,
         max_grad_norm=config.max_grad_norm, stop_after=config.stop_after,
     )  # fmt: skip
     logger.close()
     if state.step < config.max_steps:  # stopped early on purpose
         accelerator.print(f"stopped at step {state.step}; continue with --resume. Checkpoints: {checkpoints.directory}")
         return metrics
+    metrics = metrics or evaluate(model)  # resumed from the final checkpoint: nothing left to train
 
     from huggingface_hub import EvalResult
 

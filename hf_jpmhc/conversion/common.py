@@ -12,7 +12,7 @@ import argparse
 import dataclasses
 import logging
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TypeVar
 
@@ -89,8 +89,8 @@ def progress(iterable: Iterable[T], *, desc: str, total: int | None = None) -> I
     return iter(tqdm(iterable, desc=desc, total=total, unit="layer"))
 
 
-def build_empty(model_class: type[nn.Module], config) -> nn.Module:
-    """``model_class(config)`` with every parameter on the meta device (no memory); buffers stay real,
+def build_empty(model_class: Callable[..., nn.Module], config) -> nn.Module:
+    """``model_class(config)`` (a class or a factory) with every parameter on the meta device (no memory); buffers stay real,
     so the non-persistent ones computed in ``__init__`` (rotary frequencies, mixer bases) are kept."""
     from accelerate import init_empty_weights
 
@@ -113,12 +113,15 @@ def move_weights(target: nn.Module, source: nn.Module | dict[str, torch.Tensor],
 
 
 def materialize_new_parameters(model: nn.Module, device: torch.device | str = "cpu") -> list[str]:
-    """Give every module that still has meta parameters real float32 storage on ``device`` and
-    initialise it with the model's own ``_init_weights`` (function-preserving for the hyper-connections).
-    Returns the names of the modules initialised; raises if a meta tensor is left anywhere."""
+    """Give every module that still has meta parameters real storage on ``device`` (in the dtype it was
+    built with: float32) and initialise it with the model's own ``_init_weights`` (function-preserving for
+    the hyper-connections). Returns the names of the modules initialised; raises if a meta tensor is left."""
     initialised = []
     for name, module in model.named_modules():
-        if any(p.is_meta for p in module.parameters(recurse=False)):
+        own = list(module.parameters(recurse=False))
+        if any(p.is_meta for p in own):
+            if not all(p.is_meta for p in own):  # to_empty would wipe the moved weights
+                raise RuntimeError(f"module {name!r} mixes moved and new parameters; assign the new ones explicitly")
             module.to_empty(device=device, recurse=False)
             model._init_weights(module)
             initialised.append(name)
@@ -170,10 +173,3 @@ def save_converted(model, save_directory: str | Path, *, base_model: str | None 
             target.rename(old)  # removed with the temporary directory
         staging.rename(target)
     return target
-
-
-def describe_source(model_or_path) -> str | None:
-    """The name a source model was loaded from (Hub name or directory), for ``base_model``."""
-    if isinstance(model_or_path, (str, Path)):
-        return str(model_or_path)
-    return getattr(model_or_path, "name_or_path", None) or None

@@ -168,6 +168,7 @@ def convert_llama(model_or_path: nn.Module | str | Path, num_streams: int = 4, m
     if config.tie_word_embeddings:
         target.tie_weights()
     materialize_new_parameters(target, device=device)
+    target.to(device)  # the buffers built in __init__ (rotary, mixer bases); moved parameters stay where they are
 
     target.generation_config = copy.deepcopy(source.generation_config)
     return target.train(source.training)

@@ -96,9 +96,21 @@ class RandomHyperConnectionEnsemble:
         return HyperConnectedLinearStack(self.sample_sites(generator), self.hidden_size, self.branch_gain, generator)
 
     def sample_coefficients(self, num_draws: int, generator: torch.Generator) -> SiteCoefficients:
-        """pre, post, H of every site for ``num_draws`` independent models — the n×n part only."""
-        draws = [site_coefficients(self.sample_sites(generator)) for _ in range(num_draws)]
-        return SiteCoefficients(*(torch.stack(parts) for parts in zip(*draws)))
+        """pre, post, H of every site for ``num_draws`` independent models — the n×n part only.
+
+        pre and post do not depend on the draw; H = mixer(b_res) runs batched over the draws, through
+        the same mixer modules as ``sample_sites`` builds.
+        """
+        sites = self.sample_sites(generator)
+        pre, post, mixer = site_coefficients(sites)  # (K, n), (K, n), (K, n, n)
+        if self.logit_std is not None:
+            with torch.no_grad():
+                mixer = torch.stack([
+                    hc.mixer(self.logit_std * torch.randn(num_draws, hc.mixer.num_logits, generator=generator))
+                    for hc in sites
+                ], dim=1)  # fmt: skip
+        expand = lambda t: t.expand(num_draws, *t.shape[-t.dim():])  # noqa: E731
+        return SiteCoefficients(expand(pre), expand(post), expand(mixer) if mixer.dim() == 3 else mixer)
 
 
 @dataclass

@@ -9,7 +9,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-
 from torch.utils.checkpoint import checkpoint
 
 from .configuration_hyper_connection import KERNEL_BACKENDS
@@ -70,10 +69,16 @@ def collapse_streams(streams: torch.Tensor, weights: torch.Tensor) -> torch.Tens
 
 
 def update_streams(streams: torch.Tensor, mixer: torch.Tensor, post: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
-    """X' = Hᵀ X + post ⊗ f, i.e. X'_t = Σ_s H[s, t] X_s + post_t f (SPEC §1 orientation)."""
+    """X' = Hᵀ X + post ⊗ f, i.e. X'_t = Σ_s H[s, t] X_s + post_t f (SPEC §1 orientation).
+
+    Eager runs a batched matmul; under ``torch.compile`` the same sum is written as broadcast-and-reduce,
+    which inductor fuses into one loop reading X and f once and writing X' once (benchmarks/bench_stream_update.py).
+    """
     dtype = streams.dtype
-    mixed = torch.matmul(mixer.to(dtype).transpose(-1, -2), streams)  # (B, T, n, C)
-    return mixed.addcmul_(post.to(dtype).unsqueeze(-1), branch.unsqueeze(-2))
+    mixer_t, post = mixer.to(dtype).transpose(-1, -2), post.to(dtype).unsqueeze(-1)  # H[t, s], (…, n, 1)
+    if torch.compiler.is_compiling():
+        return (mixer_t.unsqueeze(-1) * streams.unsqueeze(-3)).sum(-2) + post * branch.unsqueeze(-2)
+    return torch.matmul(mixer_t, streams).addcmul_(post, branch.unsqueeze(-2))  # (B, T, n, C)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -140,7 +145,7 @@ class StreamUpdate(torch.autograd.Function):
         dtype = streams.dtype
         grad_out = grad_out.to(dtype)
         grad_streams = torch.matmul(mixer.to(dtype), grad_out)  # (…, n, C)
-        grad_mixer = torch.matmul(streams, grad_out.transpose(-1, -2)).float().sum_to_size(mixer.shape)  # (…, n, n)
+        grad_mixer = torch.matmul(streams, grad_out.transpose(-1, -2)).float().sum_to_size(mixer.shape)
         grad_post = torch.matmul(grad_out, branch.unsqueeze(-1)).squeeze(-1).float().sum_to_size(post.shape)
         grad_branch = torch.matmul(post.to(dtype).unsqueeze(-2), grad_out).squeeze(-2).sum_to_size(branch.shape)
         return grad_streams, grad_mixer.to(mixer.dtype), grad_post.to(post.dtype), grad_branch
@@ -159,14 +164,17 @@ def _fused_ops(kernel_backend: str, tensor: torch.Tensor):
         ops = None
     if ops is None or not ops.triton_available():
         if kernel_backend == "triton":
-            raise ValueError("kernel_backend='triton' needs hf_jpmhc.ops and the triton package; use 'torch' or 'auto'")
+            raise ValueError(
+                "kernel_backend='triton' needs hf_jpmhc.ops and the triton package; use kernel_backend='torch' or 'auto'"
+            )
         return None
     return ops if ops.resolve_backend(kernel_backend, tensor) == "triton" else None
 
 
 def _check_kernel_backend(kernel_backend: str) -> None:
     if kernel_backend not in KERNEL_BACKENDS:
-        raise ValueError(f"kernel_backend must be one of {', '.join(map(repr, KERNEL_BACKENDS))}, got {kernel_backend!r}")
+        choices = ", ".join(map(repr, KERNEL_BACKENDS))
+        raise ValueError(f"kernel_backend must be one of {choices}, got {kernel_backend!r}")
 
 
 class HyperConnection(nn.Module):

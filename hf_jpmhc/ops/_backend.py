@@ -23,17 +23,19 @@ def triton_available() -> bool:
 def resolve_backend(kernel_backend: str, tensor: torch.Tensor) -> str:
     """Map ``kernel_backend`` to ``"triton"`` or ``"torch"`` for a tensor; invalid choices raise ValueError."""
     if kernel_backend not in KERNEL_BACKENDS:
-        raise ValueError(f"kernel_backend must be one of {', '.join(map(repr, KERNEL_BACKENDS))}, got {kernel_backend!r}")
+        choices = ", ".join(map(repr, KERNEL_BACKENDS))
+        raise ValueError(f"kernel_backend must be one of {choices}, got {kernel_backend!r}")
     if kernel_backend == "torch":
         return "torch"
     if kernel_backend == "auto":
         return "triton" if tensor.is_cuda and triton_available() else "torch"
     if not triton_available():
-        raise ValueError("kernel_backend='triton' needs the triton package (pip install 'hf_jpmhc[triton]'); use 'torch'")
+        raise ValueError("kernel_backend='triton' needs the triton package (pip install 'hf_jpmhc[triton]'), "
+                         "or use kernel_backend='torch'")  # fmt: skip
     if not tensor.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError(
-            f"kernel_backend='triton' runs on CUDA tensors (or on CPU with TRITON_INTERPRET=1), got device {tensor.device}; "
-            "use kernel_backend='torch' or 'auto'"
+            f"kernel_backend='triton' runs on CUDA tensors (or on CPU with TRITON_INTERPRET=1), "
+            f"got device {tensor.device}; use kernel_backend='torch' or 'auto'"
         )
     return "triton"
 

@@ -102,8 +102,8 @@ class CoefficientsFunction(torch.autograd.Function):
         out = x.new_empty(rows, m, dtype=torch.float32)
         zlin, rstd = torch.empty_like(out), x.new_empty(rows, dtype=torch.float32)
         grid = (triton.cdiv(rows, BLOCK_R), triton.cdiv(m, BLOCK_M))
-        _coeff_fwd_kernel[grid](x, phi, scale, bias, out, zlin, rstd, rows, k, m, split_sizes[0], split_sizes[1], pre_eps, norm_eps,
-                                BLOCK_R=BLOCK_R, BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K)  # fmt: skip
+        _coeff_fwd_kernel[grid](x, phi, scale, bias, out, zlin, rstd, rows, k, m, split_sizes[0], split_sizes[1],
+                                pre_eps, norm_eps, BLOCK_R=BLOCK_R, BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K)  # fmt: skip
         ctx.save_for_backward(x, phi, scale, out, zlin, rstd)
         ctx.split_sizes, ctx.pre_eps = split_sizes, pre_eps
         return out
@@ -112,7 +112,7 @@ class CoefficientsFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         x, phi, scale, out, zlin, rstd = ctx.saved_tensors
         (n_pre, n_post, _), (rows, k), m = ctx.split_sizes, x.shape, phi.shape[0]
-        sig = torch.cat([out[:, :n_pre] - ctx.pre_eps, out[:, n_pre : n_pre + n_post] / 2], dim=-1)  # σ(z_pre), σ(z_post)
+        sig = torch.cat([out[:, :n_pre] - ctx.pre_eps, out[:, n_pre : n_pre + n_post] / 2], dim=-1)  # σ(z_pre|post)
         gain = torch.cat([sig.new_ones(n_pre), sig.new_full((n_post,), 2.0)])  # pre = σ + eps, post = 2σ
         grad_z = grad_out.clone()
         grad_z[:, : n_pre + n_post] *= sig * (1 - sig) * gain

@@ -40,7 +40,8 @@ def _collapse_bwd_kernel(p_x, p_w, p_du, p_dx, p_dw, C, N: tl.constexpr, N_PAD: 
         m_xc = m_n[:, None] & m_c[None, :]
         b_du = tl.load(p_du + row * C + o_c, mask=m_c, other=0.0).to(tl.float32)
         b_x = tl.load(p_x + row * N * C + o_n[:, None] * C + o_c[None, :], mask=m_xc, other=0.0).to(tl.float32)
-        tl.store(p_dx + row * N * C + o_n[:, None] * C + o_c[None, :], (b_w[:, None] * b_du[None, :]).to(p_dx.dtype.element_ty), mask=m_xc)
+        b_dx = b_w[:, None] * b_du[None, :]  # ∂X_i = w_i ∂u
+        tl.store(p_dx + row * N * C + o_n[:, None] * C + o_c[None, :], b_dx.to(p_dx.dtype.element_ty), mask=m_xc)
         b_dw += b_x * b_du[None, :]
     tl.store(p_dw + row * N + o_n, tl.sum(b_dw, axis=1), mask=m_n)
 
@@ -52,7 +53,8 @@ class CollapseFunction(torch.autograd.Function):
     def forward(ctx, streams: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         rows, n, c = streams.shape
         u = streams.new_empty(rows, c)
-        _collapse_fwd_kernel[(rows, triton.cdiv(c, BLOCK_C))](streams, weights, u, c, N=n, N_PAD=next_pow2(n, 2), BLOCK_C=BLOCK_C)
+        grid = (rows, triton.cdiv(c, BLOCK_C))
+        _collapse_fwd_kernel[grid](streams, weights, u, c, N=n, N_PAD=next_pow2(n, 2), BLOCK_C=BLOCK_C)
         ctx.save_for_backward(streams, weights)
         return u
 

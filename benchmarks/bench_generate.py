@@ -1,0 +1,46 @@
+"""Benchmark 5: greedy generation with the KV cache, JPmHC n = 4 against Llama (benchmark 1's shape).
+
+Batch 1, a 32-token prompt, 64 new tokens, ``do_sample=False``; rounds interleave the models; medians.
+Attention only ever sees the collapsed stream, so the caches are the Llama's; the extra cost is the
+per-token hyper-connection work. Target: ratio ≤ 1.15×.
+
+    python benchmarks/bench_generate.py [--repeats 5] [--new-tokens 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from bench_train_step import interleaved_medians, jpmhc, llama, print_table
+
+
+def generate_fn(model: torch.nn.Module, new_tokens: int):
+    model.eval()
+    prompt = torch.randint(3, model.config.vocab_size, (1, 32), generator=torch.Generator().manual_seed(0))
+
+    @torch.inference_mode()
+    def run() -> None:
+        out = model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                             use_cache=True, pad_token_id=0)  # fmt: skip
+        assert out.shape[1] == prompt.shape[1] + new_tokens
+
+    return run
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    args = parser.parse_args()
+    runs = {"llama": generate_fn(llama(), args.new_tokens)}
+    for mixer in ("stiefel", "sinkhorn", "kronecker"):
+        runs[f"jpmhc n=4 {mixer}"] = generate_fn(jpmhc(mixer), args.new_tokens)
+    medians = interleaved_medians(runs, args.repeats)
+    print_table(f"greedy generation, KV cache, batch 1, prompt 32, {args.new_tokens} new tokens, "
+                f"{args.repeats} interleaved rounds", medians, "llama", target="target: ratio ≤ 1.15×")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
