@@ -5,7 +5,7 @@ benchmark 1: every decoder layer's attention and MLP residual goes through one `
 its own stream layout (streams folded into the batch, expanded at layer 0 and summed after the last
 layer). Same shape, data, optimiser; training steps interleaved; medians. Target: ours faster than the peer.
 
-    python benchmarks/bench_peer_mhc.py [--repeats 5]
+    python benchmarks/bench_peer_mhc.py [--repeats 4]
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ def peer_mhc_llama() -> nn.Module:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=4)
     args = parser.parse_args()
     steps = {
         "llama": train_step_fn(llama()),

@@ -4,7 +4,7 @@ Same Llama shape (≈21M parameters: hidden 512, 6 layers, vocab 4096), sequence
 The models run interleaved (one step of each per round) so that load on a shared machine hits all alike;
 the table reports the median step time and its ratio to Llama. Target (issue 5): ≤ 1.10×.
 
-    python benchmarks/bench_train_step.py [--repeats 5] [--mixers stiefel sinkhorn kronecker] [--compile]
+    python benchmarks/bench_train_step.py [--repeats 4] [--mixers stiefel sinkhorn kronecker] [--compile]
 """
 
 from __future__ import annotations
@@ -79,7 +79,7 @@ def print_table(title: str, medians: dict[str, float], baseline: str, unit: str 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=4)
     parser.add_argument("--mixers", nargs="+", default=["stiefel", "sinkhorn", "kronecker"])
     parser.add_argument("--compile", action="store_true", help="torch.compile every model (same for Llama)")
     args = parser.parse_args()

@@ -154,11 +154,16 @@ class CausalLM:
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be ≥ 1, got {max_new_tokens}")
         budget = self.max_length - max_new_tokens
+        if budget < 1:
+            raise ValueError(f"max_new_tokens must be < max_length={self.max_length}, got {max_new_tokens}")
         encoded = [self.encode(p)[-budget:] for p in prompts]
         order = sorted(range(len(prompts)), key=lambda i: (-len(encoded[i]), i))
         outputs: list[str] = [""] * len(prompts)
         if do_sample:
             torch.manual_seed(0 if seed is None else seed)
+            sampling = {"do_sample": True, "temperature": temperature, "top_p": 1.0, "top_k": 0}
+        else:  # override any sampling defaults in the checkpoint's generation_config
+            sampling = {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
         batches = range(0, len(order), self.batch_size)
         for start in tqdm(batches, desc=desc, unit="batch", disable=not progress):
             batch = order[start : start + self.batch_size]
@@ -168,8 +173,6 @@ class CausalLM:
             for row, i in enumerate(batch):
                 input_ids[row, width - len(encoded[i]) :] = torch.tensor(encoded[i])
                 attention_mask[row, width - len(encoded[i]) :] = 1
-            sampling = {"do_sample": True, "temperature": temperature, "top_p": 1.0, "top_k": 0} if do_sample else {
-                "do_sample": False, "temperature": None, "top_p": None, "top_k": None}
             generated = self.model.generate(
                 input_ids=input_ids.to(self.device),
                 attention_mask=attention_mask.to(self.device),

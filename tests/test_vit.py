@@ -80,7 +80,7 @@ def test_config_is_vit_config_plus_the_shared_hyper_connection_fields():
     [("mixer", "birkhoff"), ("num_streams", 0), ("hc_collapse", "max"), ("sinkhorn_iters", 0), ("cayley_method", "qr")],
 )
 def test_config_rejects_invalid_hyper_connection_fields(field, value):
-    with pytest.raises(ValueError, match=field if field != "mixer" else "mixer"):
+    with pytest.raises(ValueError, match=field):
         JPmHCViTConfig(**tiny_vit_kwargs(), **{field: value})
 
 
@@ -176,6 +176,29 @@ def test_conversion_rejects_invalid_input(tmp_path):
     llama.save_pretrained(tmp_path / "llama")
     with pytest.raises(ValueError, match="model_type='llama'"):
         convert_vit(tmp_path / "llama")
+
+
+def test_convert_vit_command_writes_a_pipeline_ready_checkpoint(tmp_path):
+    """``hf-jpmhc convert vit SRC OUT``: the sub-command of ``hf_jpmhc.conversion.cli``, run in-process."""
+    import argparse
+
+    from transformers import ViTImageProcessor
+
+    from hf_jpmhc.conversion import cli
+
+    source = random_vit(num_channels=3)
+    source.save_pretrained(tmp_path / "vit")
+    ViTImageProcessor(do_resize=False, size={"height": 28, "width": 28}).save_pretrained(tmp_path / "vit")
+    parser = argparse.ArgumentParser()
+    cli.register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["convert", "vit", str(tmp_path / "vit"), str(tmp_path / "out"), "--streams", "2",
+                              "--mixer", "mhc", "--sinkhorn-iters", "10"])  # fmt: skip
+    args.func(args)
+    converted = AutoModelForImageClassification.from_pretrained(tmp_path / "out")
+    assert (converted.config.mixer, converted.config.num_streams, converted.config.sinkhorn_iters) == ("sinkhorn", 2, 10)
+    assert (tmp_path / "out" / "preprocessor_config.json").is_file() and (tmp_path / "out" / "README.md").is_file()
+    x = pixels(source.config)
+    torch.testing.assert_close(converted(pixel_values=x).logits, source(pixel_values=x).logits, atol=1e-5, rtol=0)
 
 
 def test_converted_model_trains_and_its_streams_diverge():
@@ -288,18 +311,33 @@ def test_offline_mnist_5k_has_stratified_splits():
     assert (image.mode, image.size) == ("L", (28, 28))
 
 
-def test_tiny_finetune_run_saves_a_loadable_checkpoint_and_resumes(tmp_path):
+TINY_FINETUNE = ["--dataset=mnist_5k", "--model=jpmhc", "--mixer=stiefel", "--num_streams=2", "--patch_size=7",
+                 "--hidden_size=32", "--num_hidden_layers=2", "--num_attention_heads=2", "--intermediate_size=64",
+                 "--batch_size=32", "--train_limit=256", "--eval_limit=64", "--warmup_steps=1", "--log_every=1"]  # fmt: skip
+
+
+def finetune_main():
     sys.path.insert(0, str(REPO))
     from training.finetune_vision import main
 
-    flags = ["--dataset=mnist_5k", "--model=jpmhc", "--mixer=stiefel", "--num_streams=2", "--patch_size=7",
-             "--hidden_size=32", "--num_hidden_layers=2", "--num_attention_heads=2", "--intermediate_size=64",
-             "--batch_size=32", "--train_limit=256", "--eval_limit=64", "--max_steps=4", "--warmup_steps=1",
-             "--log_every=1", "--save_every=2"]  # fmt: skip
-    full = main([f"--output_dir={tmp_path / 'full'}", *flags])
-    main([f"--output_dir={tmp_path / 'resumed'}", "--stop_after=2", *flags])
-    resumed = main([f"--output_dir={tmp_path / 'resumed'}", "--resume", *flags])
+    return main
+
+
+def test_tiny_finetune_run_saves_a_pipeline_ready_checkpoint(tmp_path):
+    results = finetune_main()([f"--output_dir={tmp_path}", "--max_steps=2", *TINY_FINETUNE])
+    assert results["steps"] == 2 and results["images"] == 64 and 0.0 <= results["test_accuracy"] <= 1.0
+    assert json.loads((tmp_path / "results.json").read_text())["dataset"] == "mnist_5k"
+    classifier = pipeline("image-classification", model=str(tmp_path / "final"))
+    assert type(classifier.model) is JPmHCViTForImageClassification
+    image = load_image_dataset("mnist_5k")["test"][0]["image"]
+    assert classifier(image)[0]["label"] in [str(d) for d in range(10)]
+
+
+@pytest.mark.slow
+def test_finetune_resumes_exactly(tmp_path):
+    main = finetune_main()
+    full = main([f"--output_dir={tmp_path / 'full'}", "--max_steps=4", *TINY_FINETUNE])
+    main([f"--output_dir={tmp_path / 'resumed'}", "--max_steps=4", "--stop_after=2", *TINY_FINETUNE])
+    resumed = main([f"--output_dir={tmp_path / 'resumed'}", "--max_steps=4", "--resume", *TINY_FINETUNE])
     assert resumed["test_loss"] == pytest.approx(full["test_loss"], abs=1e-6)
-    assert 0.0 <= full["test_accuracy"] <= 1.0 and full["steps"] == 4 and full["images"] == 128
-    model = AutoModelForImageClassification.from_pretrained(tmp_path / "full" / "final")
-    assert type(model) is JPmHCViTForImageClassification and model.config.id2label[3] == "3"
+    assert resumed["test_accuracy"] == full["test_accuracy"]
