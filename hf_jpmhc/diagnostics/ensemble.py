@@ -23,12 +23,13 @@ import torch
 from torch import nn
 
 from ..models.configuration_jpmhc import JPmHCConfig
-from ..models.hyper_connection import HyperConnection
+from ..models.hyper_connection import collapse_streams
 from ..models.modeling_jpmhc import build_hyper_connection
 
 # Default logit scale of the random-mixer ensemble. The unconstrained mixer is H = I + θ: with s = 1 its
-# product over 128 sites is ~1e40, so it gets a small scale that still shows the gain growing with depth.
-DEFAULT_LOGIT_STD = {"unconstrained": 0.05}
+# product over 128 sites is ~1e40 and the average over draws is carried by rare draws; a small scale
+# keeps the ensemble mean meaningful and still shows the gain growing with depth.
+DEFAULT_LOGIT_STD = {"unconstrained": 0.02}
 DEFAULT_BRANCH_GAIN = 0.2
 
 
@@ -109,8 +110,8 @@ class RandomHyperConnectionEnsemble:
                     hc.mixer(self.logit_std * torch.randn(num_draws, hc.mixer.num_logits, generator=generator))
                     for hc in sites
                 ], dim=1)  # fmt: skip
-        expand = lambda t: t.expand(num_draws, *t.shape[-t.dim():])  # noqa: E731
-        return SiteCoefficients(expand(pre), expand(post), expand(mixer) if mixer.dim() == 3 else mixer)
+        pre, post = pre.expand(num_draws, *pre.shape), post.expand(num_draws, *post.shape)
+        return SiteCoefficients(pre, post, mixer if mixer.dim() == 4 else mixer.expand(num_draws, *mixer.shape))
 
 
 @dataclass
@@ -135,19 +136,28 @@ def site_coefficients(sites: nn.ModuleList) -> tuple[torch.Tensor, torch.Tensor,
 
 
 class HyperConnectedLinearStack(nn.Module):
-    """2L hyper-connections, each around a linear branch f = W_l u (W_l ~ N(0, g²/C)): the ensemble's model.
+    """2L static hyper-connections, each around a linear branch f = W_l u (W_l ~ N(0, g²/C)): the ensemble's model.
 
-    ``forward`` maps streams X_0 (…, n, C) to X_L with the real ``HyperConnection.read``/``write``.
+    The coefficients (pre, post, H) come from ``HyperConnection.coefficients`` once, at construction (they
+    do not depend on the input); ``forward`` maps streams X_0 (…, n, C) to X_L with the stream ops of
+    ``hyper_connection.py``: u = Σ preᵢ Xᵢ, X' = Hᵀ X + post ⊗ W u.
     """
 
     def __init__(self, sites: nn.ModuleList, hidden: int, branch_gain: float, generator: torch.Generator):
         super().__init__()
         self.sites = sites
+        pre, post, mixer = site_coefficients(sites)
+        self.register_buffer("pre", pre)  # (K, n)
+        self.register_buffer("post", post)  # (K, n)
+        self.register_buffer("mixer", mixer)  # (K, n, n)
         weights = torch.randn(len(sites), hidden, hidden, generator=generator, dtype=torch.float64)
         self.register_buffer("branch_weights", weights * branch_gain / hidden**0.5)  # (K, C, C)
 
+    def coefficients(self) -> SiteCoefficients:
+        return SiteCoefficients(self.pre, self.post, self.mixer)
+
     def forward(self, streams: torch.Tensor) -> torch.Tensor:
-        for hc, weight in zip(self.sites, self.branch_weights):
-            u, post, mixer = hc.read(streams)  # (…, C)
+        for hc, pre, post, mixer, weight in zip(self.sites, self.pre, self.post, self.mixer, self.branch_weights):
+            u = collapse_streams(streams, pre)  # (…, C)
             streams = hc.write(streams, u @ weight.T.to(u.dtype), post, mixer)
         return streams

@@ -60,7 +60,7 @@ def jacobian_moments(coefficients: SiteCoefficients, branch_gain: torch.Tensor |
     second = torch.eye(n * n, dtype=torch.float64).expand(*batch, n * n, n * n).clone()  # Φ_0 = id
     for k in range(a.shape[-3]):
         ak, bk, gk = a[..., k, :, :], b[..., k, :, :], gain_sq[..., k, None, None]
-        transfer = _kron(ak, ak) + gk[..., None] * _kron(bk, bk)
+        transfer = _kron(ak, ak) + gk * _kron(bk, bk)
         skip = ak @ cov @ ak.transpose(-1, -2)
         branch = gk * bk @ cov @ bk.transpose(-1, -2)
         second = transfer @ second @ transfer.transpose(-1, -2) + _kron(branch, skip) + _kron(skip, branch) + _kron(branch, branch)

@@ -21,17 +21,19 @@ StreamMap = Callable[[torch.Tensor], torch.Tensor]
 
 
 def exact_jacobian(stream_map: StreamMap, streams: torch.Tensor, chunk_size: int | None = None) -> torch.Tensor:
-    """J = ∂ vec(X_L) / ∂ vec(X_0) (M, N) at one item ``streams`` (no batch axis): M VJPs, ``chunk_size`` at a time."""
-    with torch.no_grad():
-        num_out = stream_map(streams.unsqueeze(0)).numel()
-    chunk = chunk_size or num_out
+    """J = ∂ vec(X_L) / ∂ vec(X_0) (N, N) at one item ``streams`` (no batch axis): N VJPs, ``chunk_size`` at a time.
+
+    A stream map is square (streams in, streams out), so item i of a batch of N copies asks for row i.
+    """
+    size = streams.numel()
+    chunk = chunk_size or size
     rows = []
-    for start in range(0, num_out, chunk):
-        size = min(chunk, num_out - start)
-        inputs = streams.detach().unsqueeze(0).repeat(size, *([1] * streams.dim())).requires_grad_(True)
-        outputs = stream_map(inputs).flatten(1)  # (size, M)
+    for start in range(0, size, chunk):
+        count = min(chunk, size - start)
+        inputs = streams.detach().unsqueeze(0).repeat(count, *([1] * streams.dim())).requires_grad_(True)
+        outputs = stream_map(inputs).flatten(1)  # (count, N)
         seeds = torch.zeros_like(outputs)
-        seeds[torch.arange(size), start + torch.arange(size)] = 1.0  # item i asks for row start + i
+        seeds[torch.arange(count), start + torch.arange(count)] = 1.0
         (grad,) = torch.autograd.grad(outputs, inputs, seeds)
         rows.append(grad.flatten(1))
     return torch.cat(rows)

@@ -1,0 +1,112 @@
+"""Amax gain of the residual mixers (SPEC §4, mHC's stability plot), per site and composite over depth.
+
+The streams see the sites in order 1, 2, …, K and X_K = H_Kᵀ ⋯ H_1ᵀ X_0 = (H_1 H_2 ⋯ H_K)ᵀ X_0 (SPEC §1), so the
+composite mixer of the first k sites is P_k = H_1 H_2 ⋯ H_k, and
+
+    forward gain  = max_i Σ_j |P_ij|   (max row sum),     backward gain = max_j Σ_i |P_ij|   (max column sum).
+
+Mixers are input-dependent, so H is recorded per token at every site while the model runs on the given
+inputs, and each gain is the maximum over tokens (composites are formed token by token).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..models.hyper_connection import HyperConnection
+
+
+@dataclass
+class GainReport:
+    """Gains of sites 1..K in stream order: per site and composite over sites 1..k, forward and backward."""
+
+    site_names: list[str]
+    site_forward: torch.Tensor  # (K,)
+    site_backward: torch.Tensor  # (K,)
+    composite_forward: torch.Tensor  # (K,)
+    composite_backward: torch.Tensor  # (K,)
+
+
+def forward_gain(p: torch.Tensor) -> torch.Tensor:
+    """max row sum of |P| (…, n, n) → (…)."""
+    return p.abs().sum(-1).amax(-1)
+
+
+def backward_gain(p: torch.Tensor) -> torch.Tensor:
+    """max column sum of |P| (…, n, n) → (…)."""
+    return p.abs().sum(-2).amax(-1)
+
+
+def composite_mixers(mixers: torch.Tensor) -> torch.Tensor:
+    """P_k = H_1 ⋯ H_k for every k, accumulated in float64: (K, …, n, n) → (K, …, n, n)."""
+    products, running = [], None
+    for h in mixers.double():
+        running = h if running is None else running @ h
+        products.append(running)
+    return torch.stack(products)
+
+
+def gain_report(mixers: torch.Tensor, site_names: list[str] | None = None) -> GainReport:
+    """Gains from the recorded mixers H (K, tokens, n, n), maxima over tokens."""
+    if mixers.dim() != 4 or mixers.shape[-1] != mixers.shape[-2]:
+        raise ValueError(f"mixers must have shape (sites, tokens, n, n), got {tuple(mixers.shape)}")
+    composite = composite_mixers(mixers)
+    names = site_names or [f"site {k}" for k in range(mixers.shape[0])]
+    return GainReport(
+        names,
+        forward_gain(mixers.double()).amax(-1),
+        backward_gain(mixers.double()).amax(-1),
+        forward_gain(composite).amax(-1),
+        backward_gain(composite).amax(-1),
+    )
+
+
+@contextmanager
+def record_coefficients(model: nn.Module):
+    """Record (name, pre, post, H) of every ``HyperConnection`` in ``model`` each time it computes them.
+
+    Wraps each hyper-connection's ``coefficients`` for the duration of the block (an instance attribute,
+    removed on exit), so it sees exactly the streams each layer sees. Yields the list it appends to.
+    """
+    records: list[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    sites = [(name, m) for name, m in model.named_modules() if isinstance(m, HyperConnection)]
+    if not sites:
+        raise ValueError(f"{type(model).__name__} has no HyperConnection modules: is it a JPmHC model?")
+
+    def recorder(name: str, hc: HyperConnection):
+        def coefficients(streams: torch.Tensor):
+            pre, post, mixer = type(hc).coefficients(hc, streams)
+            records.append((name, pre.detach(), post.detach(), mixer.detach()))
+            return pre, post, mixer
+
+        return coefficients
+
+    try:
+        for name, hc in sites:
+            hc.coefficients = recorder(name, hc)
+        yield records
+    finally:
+        for _, hc in sites:
+            hc.__dict__.pop("coefficients", None)
+
+
+@torch.no_grad()
+def model_gain(model: nn.Module, **inputs) -> GainReport:
+    """Amax gains of a JPmHC model on ``inputs`` (e.g. ``input_ids``, ``attention_mask``), max over tokens.
+
+    Static (``dynamic=False``) mixers are the same for every token. Padding tokens count too: pass only
+    real tokens if that matters.
+    """
+    with record_coefficients(model) as records:
+        model(**inputs)
+    if not records:
+        raise ValueError("the model computed no hyper-connection coefficients on these inputs")
+    n = records[0][3].shape[-1]
+    mixers = [h.reshape(-1, n, n) for _, _, _, h in records]
+    tokens = max(m.shape[0] for m in mixers)
+    mixers = torch.stack([m.expand(tokens, n, n) for m in mixers])  # (K, tokens, n, n)
+    return gain_report(mixers, [name for name, *_ in records])
