@@ -18,7 +18,7 @@ from .models.hyper_connection import HyperConnection, StreamCollapse
 from .models.mixers import ALIASES, MIXERS, Mixer, build_mixer
 from .models.modeling_jpmhc import JPmHCForCausalLM, JPmHCForSequenceClassification, JPmHCModel, JPmHCPreTrainedModel
 from .models.modeling_jpmhc_vit import JPmHCViTForImageClassification, JPmHCViTModel, JPmHCViTPreTrainedModel
-from .conversion.vit import convert_vit
+from .conversion import convert_llama, convert_vit
 
 __version__ = "0.1.0"
 
@@ -57,5 +57,6 @@ __all__ = [
     "Mixer",
     "StreamCollapse",
     "build_mixer",
+    "convert_llama",
     "convert_vit",
 ]

@@ -94,18 +94,18 @@ class ArcAgiTask:
         prompts = [text for text, _ in fitted]
         # Greedy first attempts, batched by equal budget (each batch needs one max_new_tokens).
         greedy = [""] * len(rows)
-        for budget in sorted(set(budgets)):
-            picked = [i for i, b in enumerate(budgets) if b == budget]
-            outputs = lm.generate([prompts[i] for i in picked], max_new_tokens=budget, stop=STOP,
-                                  desc=f"{self.name} greedy (≤{budget} tokens)", progress=len(picked) > 1)
-            for i, output in zip(picked, outputs):
-                greedy[i] = output
+        with tqdm(total=len(rows), desc=f"{self.name} greedy attempts", unit="test") as bar:
+            for budget in sorted(set(budgets)):
+                picked = [i for i, b in enumerate(budgets) if b == budget]
+                outputs = lm.generate([prompts[i] for i in picked], max_new_tokens=budget, stop=STOP, progress=False)
+                for i, output in zip(picked, outputs):
+                    greedy[i] = output
+                bar.update(len(picked))
         predictions = [[g] for g in greedy]
         if attempts > 1:
             for i in tqdm(range(len(rows)), desc=f"{self.name} sampled attempts", unit="test"):
                 predictions[i] += lm.generate([prompts[i]] * (attempts - 1), max_new_tokens=budgets[i], stop=STOP,
-                                              do_sample=True, temperature=TEMPERATURE, seed=seed + i,
-                                              desc=f"{self.name} sampled {rows[i]['id']}", progress=False)
+                                              do_sample=True, temperature=TEMPERATURE, seed=seed + i, progress=False)
         references = [serialize_grid(r["test_output"]) for r in rows]
         metrics = load_metric("grid_pass_at_k").compute(predictions=predictions, references=references)
         return TaskResult(

@@ -30,7 +30,7 @@ from ..models.modeling_jpmhc import build_hyper_connection
 # product over 128 sites is ~1e40 and the average over draws is carried by rare draws; a small scale
 # keeps the ensemble mean meaningful and still shows the gain growing with depth.
 DEFAULT_LOGIT_STD = {"unconstrained": 0.02}
-DEFAULT_BRANCH_GAIN = 0.2
+DEFAULT_BRANCH_GAIN = 0.1
 
 
 @dataclass

@@ -79,7 +79,7 @@ def jacobian_density(
     broadening: float = 0.02,
     internal_eps: float = 1e-7,
     max_iters: int = 3000,
-    tol: float = 1e-7,
+    tol: float = 1e-5,
 ) -> torch.Tensor:
     """Density of the squared singular values s of J at ``grid`` (P,), per draw (…, P), in 1/(unit of s).
 

@@ -66,32 +66,33 @@ def gain_report(mixers: torch.Tensor, site_names: list[str] | None = None) -> Ga
 
 
 @contextmanager
-def record_coefficients(model: nn.Module):
-    """Record (name, pre, post, H) of every ``HyperConnection`` in ``model`` each time it computes them.
+def record_mixers(model: nn.Module):
+    """Record (site name, H) of every ``HyperConnection`` in ``model`` each time it reads the streams.
 
-    Wraps each hyper-connection's ``coefficients`` for the duration of the block (an instance attribute,
-    removed on exit), so it sees exactly the streams each layer sees. Yields the list it appends to.
+    Wraps each hyper-connection's ``read`` (which returns u, post, H) for the duration of the block — an
+    instance attribute, removed on exit — so H is the one computed from the streams that layer sees.
+    Yields the list it appends to.
     """
-    records: list[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    records: list[tuple[str, torch.Tensor]] = []
     sites = [(name, m) for name, m in model.named_modules() if isinstance(m, HyperConnection)]
     if not sites:
         raise ValueError(f"{type(model).__name__} has no HyperConnection modules: is it a JPmHC model?")
 
     def recorder(name: str, hc: HyperConnection):
-        def coefficients(streams: torch.Tensor):
-            pre, post, mixer = type(hc).coefficients(hc, streams)
-            records.append((name, pre.detach(), post.detach(), mixer.detach()))
-            return pre, post, mixer
+        def read(streams: torch.Tensor):
+            u, post, mixer = type(hc).read(hc, streams)
+            records.append((name, mixer.detach()))
+            return u, post, mixer
 
-        return coefficients
+        return read
 
     try:
         for name, hc in sites:
-            hc.coefficients = recorder(name, hc)
+            hc.read = recorder(name, hc)
         yield records
     finally:
         for _, hc in sites:
-            hc.__dict__.pop("coefficients", None)
+            hc.__dict__.pop("read", None)
 
 
 @torch.no_grad()
@@ -101,12 +102,12 @@ def model_gain(model: nn.Module, **inputs) -> GainReport:
     Static (``dynamic=False``) mixers are the same for every token. Padding tokens count too: pass only
     real tokens if that matters.
     """
-    with record_coefficients(model) as records:
+    with record_mixers(model) as records:
         model(**inputs)
     if not records:
-        raise ValueError("the model computed no hyper-connection coefficients on these inputs")
-    n = records[0][3].shape[-1]
-    mixers = [h.reshape(-1, n, n) for _, _, _, h in records]
+        raise ValueError("the model read no streams on these inputs")
+    n = records[0][1].shape[-1]
+    mixers = [h.reshape(-1, n, n) for _, h in records]
     tokens = max(m.shape[0] for m in mixers)
     mixers = torch.stack([m.expand(tokens, n, n) for m in mixers])  # (K, tokens, n, n)
     return gain_report(mixers, [name for name, *_ in records])

@@ -60,3 +60,29 @@ def jacobian_moment_estimates(
     m1 = vjp.detach().flatten(1).square().sum(1).mean().item() / size
     m2 = jjt_y.flatten(1).square().sum(1).mean().item() / outputs[0].numel()
     return m1, m2
+
+
+def model_stream_map(model: torch.nn.Module, input_ids: torch.Tensor) -> StreamMap:
+    """The stream map X_L ← X_0 of a JPmHC LM's decoder stack on one sequence ``input_ids`` (T,).
+
+    Returns f: streams (B, T, n, C) → streams (B, T, n, C): the model runs on B copies of the sequence, a
+    pre-hook on the first decoder layer swaps in the given X_0, a hook on the last one captures X_L.
+    """
+    base = getattr(model, "model", model)
+    layers = getattr(base, "layers", None)
+    if layers is None or len(layers) == 0:
+        raise ValueError(f"{type(model).__name__} has no decoder layers (expected model.model.layers)")
+    if input_ids.dim() != 1:
+        raise ValueError(f"input_ids must be one sequence (T,), got shape {tuple(input_ids.shape)}")
+
+    def stream_map(streams: torch.Tensor) -> torch.Tensor:
+        captured = {}
+        swap = layers[0].register_forward_pre_hook(lambda module, args: (streams.to(args[0].dtype),) + args[1:])
+        grab = layers[-1].register_forward_hook(lambda module, args, output: captured.setdefault("out", output))
+        try:
+            base(input_ids=input_ids.expand(streams.shape[0], -1), use_cache=False)
+        finally:
+            swap.remove(), grab.remove()
+        return captured["out"]
+
+    return stream_map
