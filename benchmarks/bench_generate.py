@@ -4,7 +4,7 @@ Batch 1, a 32-token prompt, 64 new tokens, ``do_sample=False``; rounds interleav
 Attention only ever sees the collapsed stream, so the caches are the Llama's; the extra cost is the
 per-token hyper-connection work. Target: ratio ≤ 1.15×.
 
-    python benchmarks/bench_generate.py [--repeats 5] [--new-tokens 64]
+    python benchmarks/bench_generate.py [--repeats 5] [--new-tokens 64] [--threads 1]
 """
 
 from __future__ import annotations
@@ -33,7 +33,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
+                        help="intra-op threads; 1 avoids OpenMP barrier stalls on an oversubscribed machine")  # fmt: skip
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     runs = {"llama": generate_fn(llama(), args.new_tokens)}
     for mixer in ("stiefel", "sinkhorn", "kronecker"):
         runs[f"jpmhc n=4 {mixer}"] = generate_fn(jpmhc(mixer), args.new_tokens)

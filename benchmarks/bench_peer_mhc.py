@@ -5,7 +5,7 @@ benchmark 1: every decoder layer's attention and MLP residual goes through one `
 its own stream layout (streams folded into the batch, expanded at layer 0 and summed after the last
 layer). Same shape, data, optimiser; training steps interleaved; medians. Target: ours faster than the peer.
 
-    python benchmarks/bench_peer_mhc.py [--repeats 4]
+    python benchmarks/bench_peer_mhc.py [--repeats 4] [--threads 1]
 """
 
 from __future__ import annotations
@@ -57,7 +57,10 @@ def peer_mhc_llama() -> nn.Module:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=4)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
+                        help="intra-op threads; 1 avoids OpenMP barrier stalls on an oversubscribed machine")  # fmt: skip
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     steps = {
         "llama": train_step_fn(llama()),
         "hyper-connections 0.4.11 mHC n=4": train_step_fn(peer_mhc_llama()),

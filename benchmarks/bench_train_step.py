@@ -4,7 +4,7 @@ Same Llama shape (≈21M parameters: hidden 512, 6 layers, vocab 4096), sequence
 The models run interleaved (one step of each per round) so that load on a shared machine hits all alike;
 the table reports the median step time and its ratio to Llama. Target (issue 5): ≤ 1.10×.
 
-    python benchmarks/bench_train_step.py [--repeats 4] [--mixers stiefel sinkhorn kronecker] [--compile]
+    python benchmarks/bench_train_step.py [--repeats 4] [--mixers stiefel sinkhorn kronecker] [--compile] [--threads 1]
 """
 
 from __future__ import annotations
@@ -82,8 +82,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=4)
     parser.add_argument("--mixers", nargs="+", default=["stiefel", "sinkhorn", "kronecker"])
     parser.add_argument("--compile", action="store_true", help="torch.compile every model (same for Llama)")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
+                        help="intra-op threads; 1 avoids OpenMP barrier stalls on an oversubscribed machine")  # fmt: skip
     args = parser.parse_args()
-    torch.set_num_threads(torch.get_num_threads())
+    torch.set_num_threads(args.threads)
     steps = {"llama": train_step_fn(llama(), args.compile)}
     for mixer in args.mixers:
         steps[f"jpmhc n=4 {mixer}"] = train_step_fn(jpmhc(mixer), args.compile)

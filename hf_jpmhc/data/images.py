@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import gzip
 import os
-import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
