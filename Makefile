@@ -4,8 +4,10 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 # CPU build of torch where there is no CUDA (the generic wheel pulls several GB of CUDA libraries).
 TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo "torch" || echo "torch==2.13.0")
+DEMO_DIR ?= runs/demo
+DEMO_TASKS ?= arc_easy,arc_challenge,drop
 
-.PHONY: setup demo test test-all bench
+.PHONY: setup demo test test-fast bench compare-mixers vision-experiment
 
 $(BIN)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -16,14 +18,34 @@ $(BIN)/.installed: pyproject.toml Makefile
 
 setup: $(BIN)/.installed
 
+# The main job: pretrain jpmhc-tiny (n = 4, Stiefel mixer) on offline Shakespeare, evaluate it, and leave a
+# Hub-ready checkpoint with the results in its model card.
 demo: setup
-	$(BIN)/python training/pretrain.py --config training/configs/demo.yaml
+	$(BIN)/python training/pretrain.py --config training/configs/demo.yaml --output_dir $(DEMO_DIR)
+	$(BIN)/python -m eval.prepare --tasks $(DEMO_TASKS)
+	$(BIN)/python -m eval.run --model $(DEMO_DIR)/final --tasks $(DEMO_TASKS) --limit 100 \
+		--output $(DEMO_DIR)/eval --update-model-card
+	@echo "checkpoint: $(DEMO_DIR)/final (README.md model card with eval results)"
+	@echo "logs:       $(DEMO_DIR)/logs/metrics.jsonl   evaluation: $(DEMO_DIR)/eval/results.md"
 
+# Every test, the slow ones included (the whole suite fits CI's budget on 2 CPU cores).
 test: setup
-	CI=$${CI:-} $(BIN)/python -m pytest -q -m "not slow"
-
-test-all: setup
 	$(BIN)/python -m pytest -q
 
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow"
+
+# Side-by-side ratios; on a shared CPU pin one thread where the script allows it.
 bench: setup
-	for b in benchmarks/bench_*.py; do $(BIN)/python $$b || exit 1; done
+	$(BIN)/python benchmarks/param_counts.py
+	$(BIN)/python benchmarks/bench_train_step.py --threads 1
+	$(BIN)/python benchmarks/bench_peer_mhc.py --threads 1
+	$(BIN)/python benchmarks/bench_memory.py
+	$(BIN)/python benchmarks/bench_stream_update.py
+	$(BIN)/python benchmarks/bench_generate.py --threads 1
+
+compare-mixers: setup
+	$(BIN)/python training/compare_mixers.py --output_dir runs/compare_mixers
+
+vision-experiment: setup
+	$(BIN)/python training/vision_experiment.py --output_dir runs/vision_experiment

@@ -19,6 +19,16 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _single_thread():
+    """One intra-op thread: the test models are tiny, and on a shared 2-core machine thread hand-offs made
+    small matmuls 10–100× slower (measured by several areas' tests); results do not depend on it."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def tiny_llama_kwargs(**overrides) -> dict:
     """A small Llama-shaped config (GQA) that runs in milliseconds; shared by the LM tests."""
     kwargs = dict(

@@ -28,13 +28,6 @@ CASES = [
 ]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def tiny_deepseek_config(hc_mult: int, hc_eps: float) -> DeepseekV4Config:
     """Two sliding-attention MoE layers, 32 wide: a real DeepSeek-V4 that runs in milliseconds."""

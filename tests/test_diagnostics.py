@@ -24,14 +24,6 @@ from tests.conftest import tiny_llama_kwargs
 MIXERS = ["identity", "sinkhorn", "stiefel", "grassmann", "unconstrained"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny matrices: on a shared 2-core machine, intra-op threads slow these tests down ~100×."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def _monte_carlo(ensemble, samples, seed=0):
     """Empirical (m₁, m₂) pooled over models, and the prediction conditioned on the same models' mixers."""

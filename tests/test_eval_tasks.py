@@ -24,14 +24,6 @@ from tests.conftest import tiny_llama_kwargs
 FIXTURES = Path(__file__).parent / "fixtures" / "eval"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One intra-op thread: the tiny model's matmuls are too small to share, and the machine may be busy."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def byte_level_tokenizer() -> PreTrainedTokenizerFast:
     """A real byte-level tokenizer (every byte a token, no merges): no files needed."""

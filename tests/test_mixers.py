@@ -17,14 +17,6 @@ STREAMS = (2, 3, 4, 6, 8)
 BATCH = 64  # random θ per case
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny batched matmuls and solves spend their time in thread hand-offs on a shared CPU: one thread is faster."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def valid_streams(name: str) -> list[int]:
     if name == "permutation":

@@ -56,14 +56,6 @@ def token_batch(batch: int = 2, length: int = 8, seed: int = 1) -> torch.Tensor:
     return torch.randint(3, 128, (batch, length), generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny matmuls spend their time in thread hand-offs on a shared 2-core machine: one thread is ~10× faster."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):

@@ -32,9 +32,11 @@ Guarantees:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
@@ -44,7 +46,8 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, GradientAccumulationPlugin, ProjectConfiguration, set_seed
 from tqdm.auto import tqdm
-from transformers import get_scheduler
+import yaml
+from transformers import HfArgumentParser, get_scheduler
 
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -52,6 +55,26 @@ TMP_PREFIX = ".tmp-"
 
 LossFn = Callable[[torch.nn.Module, dict], tuple[torch.Tensor, int]]  # (model, batch) → (mean loss, items in batch)
 EvalFn = Callable[[torch.nn.Module], dict[str, float]]  # model → metrics, e.g. {"val_loss": …, "val_ppl": …}
+
+
+def parse_script_config(config_class: type, argv: list[str] | None = None):
+    """A script's dataclass config from defaults ← YAML (``--config``) ← command-line flags.
+
+    Unknown YAML keys raise ValueError listing the valid ones; flags use ``HfArgumentParser``'s names.
+    """
+    parser = HfArgumentParser(config_class, description=sys.modules[config_class.__module__].__doc__.splitlines()[0])
+    parser.add_argument("--config", default=None, help=f"YAML file of {config_class.__name__} fields")
+    argv = sys.argv[1:] if argv is None else argv
+    known, _ = parser.parse_known_args(argv)
+    if known.config:
+        values = yaml.safe_load(Path(known.config).read_text(encoding="utf-8")) or {}
+        fields = {f.name for f in dataclasses.fields(config_class)}
+        unknown = sorted(set(values) - fields)
+        if unknown:
+            raise ValueError(f"{known.config}: unknown setting(s) {unknown}; valid: {sorted(fields)}")
+        parser.set_defaults(**values)
+    config, _ = parser.parse_args_into_dataclasses(args=argv)  # _: the --config namespace
+    return config
 
 
 def seed_everything(seed: int) -> None:
@@ -396,10 +419,12 @@ def save_final_model(accelerator: Accelerator, model: torch.nn.Module, directory
                      **card_kwargs) -> Path:  # fmt: skip
     """Write a Hub-ready ``save_pretrained`` directory atomically: weights, config (with ``auto_map``), the
     model code, the tokenizer / image processor, and a model card (``hf_jpmhc.model_card.build_model_card``
-    with ``card_kwargs``: base_model, training, evaluation, eval_results, ...). Collective; returns ``directory``.
+    with ``card_kwargs``: base_model, training, evaluation, eval_results, ...; JPmHC models only, a plain
+    baseline is saved without a card). Collective; returns ``directory``.
 
     The full state dict comes from ``accelerator.get_state_dict`` (gathered under FSDP/DeepSpeed).
     """
+    from hf_jpmhc import HyperConnectionConfig
     from hf_jpmhc.model_card import build_model_card
 
     directory = Path(directory)
@@ -411,7 +436,8 @@ def save_final_model(accelerator: Accelerator, model: torch.nn.Module, directory
         unwrapped.save_pretrained(staging, state_dict=state_dict)
         if preprocessor is not None:
             preprocessor.save_pretrained(staging)
-        build_model_card(unwrapped, **card_kwargs).save(staging / "README.md")
+        if isinstance(unwrapped.config, HyperConnectionConfig):  # the card template describes JPmHC checkpoints
+            build_model_card(unwrapped, **card_kwargs).save(staging / "README.md")
         if directory.exists():
             shutil.rmtree(directory)
         os.replace(staging, directory)

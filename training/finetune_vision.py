@@ -34,12 +34,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import yaml
 from torch.utils.data import DataLoader
-from transformers import AutoConfig, HfArgumentParser, ViTConfig, ViTForImageClassification, ViTImageProcessor
+from transformers import AutoConfig, ViTConfig, ViTForImageClassification, ViTImageProcessor
 
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from huggingface_hub import EvalResult  # noqa: E402
 
 from hf_jpmhc import JPmHCViTForImageClassification, convert_vit  # noqa: E402
 from hf_jpmhc.data.images import load_image_dataset, resolve_dataset_name  # noqa: E402
@@ -51,6 +52,7 @@ from training.common import (  # noqa: E402
     build_accelerator,
     build_optimizer,
     build_scheduler,
+    parse_script_config,
     save_final_model,
     seed_everything,
     train_loop,
@@ -103,18 +105,7 @@ class FinetuneVisionConfig:
 
 def parse_config(argv: list[str] | None = None) -> FinetuneVisionConfig:
     """Defaults ← YAML (``--config``) ← command-line flags. Unknown YAML keys and invalid values raise ValueError."""
-    parser = HfArgumentParser(FinetuneVisionConfig, description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default=None, help="YAML file of FinetuneVisionConfig fields")
-    argv = sys.argv[1:] if argv is None else argv
-    known, _ = parser.parse_known_args(argv)
-    if known.config:
-        values = yaml.safe_load(Path(known.config).read_text(encoding="utf-8")) or {}
-        fields = {f.name for f in dataclasses.fields(FinetuneVisionConfig)}
-        unknown = sorted(set(values) - fields)
-        if unknown:
-            raise ValueError(f"{known.config}: unknown setting(s) {unknown}; valid: {sorted(fields)}")
-        parser.set_defaults(**values)
-    config, _ = parser.parse_args_into_dataclasses(args=argv)
+    config = parse_script_config(FinetuneVisionConfig, argv)
     if config.model not in MODELS:
         raise ValueError(f"model must be one of {MODELS}, got {config.model!r}")
     return config
@@ -298,19 +289,16 @@ def main(argv: list[str] | None = None) -> dict:
 
     results = {**metrics, **count_parameters(unwrapped), "model": kind, "dataset": dataset_name, "steps": state.step, "images": state.items,
                "train_seconds": seconds, "config": dataclasses.asdict(config)}  # fmt: skip
-    if is_jpmhc(unwrapped):
-        from huggingface_hub import EvalResult
-
-        final = save_final_model(
-            accelerator, model, output_dir / "final", preprocessor=processor, base_model=base_model,
-            training=training_card(config, dataset_name, state, accelerator, len(train), seconds),
-            evaluation=f"Test split of `{dataset_name}` ({len(test):,} images): accuracy "
-            f"{metrics['test_accuracy']:.4f}, loss {metrics['test_loss']:.4f} nats/image.",
-            eval_results=[EvalResult(task_type="image-classification", dataset_type=dataset_name,
-                                     dataset_name=dataset_name, metric_type="accuracy",
-                                     metric_value=round(metrics["test_accuracy"], 4))],
-        )  # fmt: skip
-        results["final"] = str(final)
+    final = save_final_model(
+        accelerator, model, output_dir / "final", preprocessor=processor, base_model=base_model,
+        training=training_card(config, dataset_name, state, accelerator, len(train), seconds),
+        evaluation=f"Test split of `{dataset_name}` ({len(test):,} images): accuracy "
+        f"{metrics['test_accuracy']:.4f}, loss {metrics['test_loss']:.4f} nats/image.",
+        eval_results=[EvalResult(task_type="image-classification", dataset_type=dataset_name,
+                                 dataset_name=dataset_name, metric_type="accuracy",
+                                 metric_value=round(metrics["test_accuracy"], 4))],
+    )  # fmt: skip
+    results["final"] = str(final)
     if accelerator.is_main_process:
         atomic_write_text(output_dir / "results.json", json.dumps(results, indent=2) + "\n")
     accelerator.print(

@@ -29,9 +29,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-import yaml
 from torch.utils.data import DataLoader
-from transformers import AutoConfig, HfArgumentParser
+from transformers import AutoConfig
 
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -45,6 +44,7 @@ from training.common import (  # noqa: E402
     build_accelerator,
     build_optimizer,
     build_scheduler,
+    parse_script_config,
     save_final_model,
     seed_everything,
     train_loop,
@@ -97,19 +97,8 @@ class PretrainConfig:
 
 
 def parse_config(argv: list[str] | None = None) -> PretrainConfig:
-    """Defaults ← YAML (``--config``) ← command-line flags. Unknown YAML keys raise ValueError."""
-    parser = HfArgumentParser(PretrainConfig, description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default=None, help="YAML file of PretrainConfig fields")
-    argv = sys.argv[1:] if argv is None else argv
-    known, _ = parser.parse_known_args(argv)
-    if known.config:
-        values = yaml.safe_load(Path(known.config).read_text(encoding="utf-8")) or {}
-        fields = {f.name for f in dataclasses.fields(PretrainConfig)}
-        unknown = sorted(set(values) - fields)
-        if unknown:
-            raise ValueError(f"{known.config}: unknown setting(s) {unknown}; valid: {sorted(fields)}")
-        parser.set_defaults(**values)
-    config, _ = parser.parse_args_into_dataclasses(args=argv)
+    """Defaults ← YAML (``--config``) ← command-line flags. Unknown YAML keys and invalid values raise ValueError."""
+    config = parse_script_config(PretrainConfig, argv)
     return config
 
 

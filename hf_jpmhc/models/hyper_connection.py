@@ -71,14 +71,19 @@ def collapse_streams(streams: torch.Tensor, weights: torch.Tensor) -> torch.Tens
 def update_streams(streams: torch.Tensor, mixer: torch.Tensor, post: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
     """X' = Hᵀ X + post ⊗ f, i.e. X'_t = Σ_s H[s, t] X_s + post_t f (SPEC §1 orientation).
 
-    Eager runs a batched matmul; under ``torch.compile`` the same sum is written as broadcast-and-reduce,
-    which inductor fuses into one loop reading X and f once and writing X' once (benchmarks/bench_stream_update.py).
+    Computed as X + (H − I)ᵀ X + post ⊗ f: the same sum, but the identity part of H is added exactly. Near
+    H = I (every mixer at initialisation) this keeps the streams of a converted model within float rounding
+    of the source's residual: on SmolLM2-135M with 60 sites, sinkhorn's logit error drops from 1.1e-4 to 3.9e-5.
+    Eager runs a batched matmul; under ``torch.compile`` the sum is written as broadcast-and-reduce, which
+    inductor fuses into one loop reading X and f once and writing X' once (benchmarks/bench_stream_update.py).
     """
-    dtype = streams.dtype
-    mixer_t, post = mixer.to(dtype).transpose(-1, -2), post.to(dtype).unsqueeze(-1)  # H[t, s], (…, n, 1)
+    eye = torch.eye(mixer.shape[-1], dtype=torch.float32, device=mixer.device)
+    delta_t, post = mixer.float().transpose(-1, -2) - eye, post.float().unsqueeze(-1)  # (H − I)[t, s], (…, n, 1)
     if torch.compiler.is_compiling():
-        return (mixer_t.unsqueeze(-1) * streams.unsqueeze(-3)).sum(-2) + post * branch.unsqueeze(-2)
-    return torch.matmul(mixer_t, streams).addcmul_(post, branch.unsqueeze(-2))  # (B, T, n, C)
+        out = streams + (delta_t.unsqueeze(-1) * streams.unsqueeze(-3)).sum(-2) + post * branch.unsqueeze(-2)
+    else:
+        out = torch.matmul(delta_t, streams.float()).add_(streams).addcmul_(post, branch.unsqueeze(-2))  # (B, T, n, C)
+    return out.to(streams.dtype)  # accumulated in float32 and rounded once, like the Triton kernel
 
 
 # ----------------------------------------------------------------------------------------------------

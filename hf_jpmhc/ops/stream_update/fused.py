@@ -1,4 +1,5 @@
-"""Triton kernels for the stream update X'_t = Σ_s H[s, t] X_s + post_t f (SPEC §1, X' = Hᵀ X + post ⊗ f).
+"""Triton kernels for the stream update X'_t = Σ_s H[s, t] X_s + post_t f (SPEC §1, X' = Hᵀ X + post ⊗ f),
+computed as X_t + Σ_s (H − I)[s, t] X_s + post_t f like the torch reference (``update_streams``).
 
 Forward: one program per (token, C block) reads X (n·C), f (C) and the n×n mixer once and writes X'
 (n·C) — the (2n+1)·C traffic floor of the op; mixing and the rank-1 write are fused, fp32 accumulation.
@@ -30,7 +31,8 @@ def _update_fwd_kernel(p_x, p_h, p_post, p_f, p_y, C, N: tl.constexpr, N_PAD: tl
     b_post = tl.load(p_post + row * N + o_n, mask=m_n, other=0.0).to(tl.float32)  # (N_PAD,)
     b_x = tl.load(p_x + row * N * C + o_n[:, None] * C + o_c[None, :], mask=m_xc, other=0.0).to(tl.float32)  # X[s, c]
     b_f = tl.load(p_f + row * C + o_c, mask=m_c, other=0.0).to(tl.float32)  # (BLOCK_C,)
-    b_y = tl.sum(b_h[:, :, None] * b_x[:, None, :], axis=0) + b_post[:, None] * b_f[None, :]  # Y[t, c]
+    b_delta = b_h - (o_n[:, None] == o_n[None, :]).to(tl.float32)  # (H − I)[s, t]: the identity part is added exactly
+    b_y = b_x + tl.sum(b_delta[:, :, None] * b_x[:, None, :], axis=0) + b_post[:, None] * b_f[None, :]  # Y[t, c]
     tl.store(p_y + row * N * C + o_n[:, None] * C + o_c[None, :], b_y.to(p_y.dtype.element_ty), mask=m_xc)
 
 
