@@ -8,8 +8,10 @@ default. ``source="auto"`` tries the Hub and falls back to the cache with a mess
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import socket
 import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -32,6 +34,22 @@ def hub_offline() -> bool:
     from huggingface_hub import constants
 
     return bool(constants.HF_HUB_OFFLINE) or os.environ.get("HF_DATASETS_OFFLINE", "0").upper() in {"1", "ON", "YES", "TRUE"}
+
+
+@functools.cache
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """One quick TCP probe of the Hub endpoint per process, so an unreachable Hub costs seconds, not
+    huggingface_hub's retry back-off (about 25 s per dataset)."""
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    endpoint = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((endpoint.hostname, endpoint.port or 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
 
 
 def write_jsonl(path: Path, rows: Iterable[dict]) -> int:
@@ -74,6 +92,8 @@ def load_rows(
                 raise DataUnavailableError(f"{task}: {reason}; use source='cache'")
         elif hub_offline() and source == "auto":
             reason = "HF_HUB_OFFLINE is set"
+        elif not hub_reachable() and source == "auto":
+            reason = "the Hub endpoint does not answer"
         else:
             try:
                 return hub(), "hub"

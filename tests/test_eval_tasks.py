@@ -16,6 +16,7 @@ from transformers import PreTrainedTokenizerFast
 
 from eval import CausalLM, LoglikelihoodRequest, evaluate_model
 from eval.data import DataUnavailableError
+from eval.prepare import prepare
 from eval.run import main as run_main
 from eval.tasks import arc, bbh, drop
 from hf_jpmhc import JPmHCConfig, JPmHCForCausalLM
@@ -254,20 +255,11 @@ def test_bbh_style_rendering_of_big_bench_examples():
 
 def convert_to_stiefel(source: Path, target: Path) -> Path:
     """Save the n = 4 stiefel JPmHC conversion of the Llama checkpoint ``source`` (with its tokenizer)."""
-    from transformers import AutoTokenizer, LlamaForCausalLM
+    from transformers import AutoTokenizer
 
-    try:
-        from hf_jpmhc.conversion import convert_llama
+    from hf_jpmhc.conversion import convert_llama
 
-        model = convert_llama(str(source), num_streams=4, mixer="stiefel")
-    except ImportError:  # before hf_jpmhc.conversion existed: by hand, as the issue describes
-        llama = LlamaForCausalLM.from_pretrained(source)
-        fields = {k: v for k, v in llama.config.to_dict().items()
-                  if k not in {"model_type", "architectures", "transformers_version", "auto_map", "dtype"}}
-        model = JPmHCForCausalLM(JPmHCConfig(**fields, num_streams=4, mixer="stiefel"))
-        missing, unexpected = model.load_state_dict(llama.state_dict(), strict=False)
-        assert not unexpected and all("_hc." in k or "stream_collapse" in k for k in missing)
-    model.save_pretrained(target)
+    convert_llama(str(source), num_streams=4, mixer="stiefel").save_pretrained(target)
     AutoTokenizer.from_pretrained(source).save_pretrained(target)
     return target
 
@@ -277,6 +269,7 @@ def test_smollm2_converted_to_stiefel_scores_exactly_the_same_on_arc_easy(tmp_pa
     """The n = 4 stiefel conversion preserves the function: identical ARC-Easy numbers at --limit 200."""
     from hf_jpmhc.data.checkpoints import smollm2_checkpoint
 
+    prepare(["arc_easy"])  # a fresh machine has no offline copy yet
     source = smollm2_checkpoint()
     converted = convert_to_stiefel(source, tmp_path / "stiefel4")
     kwargs = {"tasks": ["arc_easy"], "limit": 200, "batch_size": 16}
