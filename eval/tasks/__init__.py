@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,6 +19,17 @@ class TaskResult:
     metrics: dict[str, float]
     details: dict[str, Any] = field(default_factory=dict)
     samples: list[dict] = field(default_factory=list)
+
+
+def few_shot_prefix(task, split: str, num_fewshot: int, render: Callable[[dict], str], **load_kwargs) -> str:
+    """The first ``num_fewshot`` rows of ``task``'s ``split``, each rendered with its answer and followed by a blank
+    line ("" for zero shots); asking for more shots than the split has is a ValueError."""
+    if not num_fewshot:
+        return ""
+    shots, _ = task.load(split, **load_kwargs)
+    if num_fewshot > len(shots):
+        raise ValueError(f"num_fewshot for {task.name} must be ≤ {len(shots)}, got {num_fewshot}")
+    return "".join(f"{render(shot)}\n\n" for shot in shots[:num_fewshot])
 
 
 def get_task(name: str):

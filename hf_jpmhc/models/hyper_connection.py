@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .configuration_hyper_connection import KERNEL_BACKENDS
+from .configuration_hyper_connection import KERNEL_BACKENDS, check_choice
 from .mixers import Mixer, SinkhornMixer, StiefelMixer, _logit, skew_from_logits
 
 # How much of a branch's read weight sits on its home stream at initialisation (symmetry breaking):
@@ -176,12 +176,6 @@ def _fused_ops(kernel_backend: str, tensor: torch.Tensor):
     return ops if ops.resolve_backend(kernel_backend, tensor) == "triton" else None
 
 
-def _check_kernel_backend(kernel_backend: str) -> None:
-    if kernel_backend not in KERNEL_BACKENDS:
-        choices = ", ".join(map(repr, KERNEL_BACKENDS))
-        raise ValueError(f"kernel_backend must be one of {choices}, got {kernel_backend!r}")
-
-
 class HyperConnection(nn.Module):
     r"""One hyper-connection around a branch F (attention or MLP), SPEC §1:
 
@@ -224,7 +218,7 @@ class HyperConnection(nn.Module):
         recompute: bool = False,
     ):
         super().__init__()
-        _check_kernel_backend(kernel_backend)
+        check_choice("kernel_backend", kernel_backend, KERNEL_BACKENDS)
         self.kernel_backend, self.recompute = kernel_backend, recompute
         n, r = mixer.num_streams, mixer.num_logits
         self.num_streams, self.mixer, self.home_stream = n, mixer, home_stream % n
@@ -314,7 +308,7 @@ class StreamCollapse(nn.Module):
     def __init__(self, hidden_size: int, num_streams: int, *, learned: bool = True, alpha_init: float = 0.01,
                  pre_eps: float = 0.0, norm_eps: float = 1e-6, kernel_backend: str = "auto"):  # fmt: skip
         super().__init__()
-        _check_kernel_backend(kernel_backend)
+        check_choice("kernel_backend", kernel_backend, KERNEL_BACKENDS)
         self.kernel_backend = kernel_backend
         self.num_streams, self.alpha_init, self.pre_eps, self.norm_eps = num_streams, alpha_init, pre_eps, norm_eps
         if learned:

@@ -7,7 +7,7 @@ import os
 
 import torch
 
-from hf_jpmhc.models.configuration_hyper_connection import KERNEL_BACKENDS
+from hf_jpmhc.models.configuration_hyper_connection import KERNEL_BACKENDS, check_choice
 
 
 @functools.cache
@@ -22,9 +22,7 @@ def triton_available() -> bool:
 
 def resolve_backend(kernel_backend: str, tensor: torch.Tensor) -> str:
     """Map ``kernel_backend`` to ``"triton"`` or ``"torch"`` for a tensor; invalid choices raise ValueError."""
-    if kernel_backend not in KERNEL_BACKENDS:
-        choices = ", ".join(map(repr, KERNEL_BACKENDS))
-        raise ValueError(f"kernel_backend must be one of {choices}, got {kernel_backend!r}")
+    check_choice("kernel_backend", kernel_backend, KERNEL_BACKENDS)
     if kernel_backend == "torch":
         return "torch"
     if kernel_backend == "auto":

@@ -19,8 +19,6 @@ import torch
 import triton
 import triton.language as tl
 
-from .._backend import next_pow2
-
 BLOCK_R, BLOCK_K, BLOCK_M = 16, 64, 32
 
 
