@@ -1,28 +1,35 @@
 """Stability diagnostics: free-probability prediction vs Monte-Carlo Jacobians, Amax gains, plots, CLI."""
 
+import json
+
 import pytest
 import torch
 
 from hf_jpmhc import JPmHCConfig, JPmHCForCausalLM
 from hf_jpmhc.diagnostics import (
     RandomHyperConnectionEnsemble,
+    RandomJPmHCEnsemble,
     SiteCoefficients,
+    bootstrap_relative_error,
     composite_mixers,
     exact_jacobian,
     gain_report,
+    gaussian_branch_control,
     jacobian_density,
     jacobian_moment_estimates,
     jacobian_moments,
+    measure_sites,
     model_gain,
     model_stream_map,
+    paired_relative_error,
     predict_spectrum,
     squared_singular_values,
+    token_spectra,
 )
 from hf_jpmhc.diagnostics.plots import SpectrumPanel, plot_gains, plot_spectra
 from tests.conftest import tiny_llama_kwargs
 
 MIXERS = ["identity", "sinkhorn", "stiefel", "grassmann", "unconstrained"]
-
 
 
 def _monte_carlo(ensemble, samples, seed=0):
@@ -38,7 +45,7 @@ def _monte_carlo(ensemble, samples, seed=0):
     return torch.stack(emp).mean(0), torch.stack(cond).mean(0)
 
 
-@pytest.mark.parametrize("depth", [8, 32, 64])
+@pytest.mark.parametrize("depth", [8, 32, pytest.param(64, marks=pytest.mark.slow)])
 @pytest.mark.parametrize("mixer", MIXERS)
 def test_predicted_moments_match_monte_carlo(mixer, depth):
     hidden = 96 if depth == 64 else 48  # the corrections to the C → ∞ limit grow like depth/C
@@ -51,6 +58,120 @@ def test_predicted_moments_match_monte_carlo(mixer, depth):
         torch.testing.assert_close(
             torch.tensor([predicted.mean, predicted.second_moment], dtype=torch.float64), empirical, rtol=0.10, atol=0.0
         )
+
+
+# Real-LM comparisons are paired per model: each prediction uses that model's own mixers and measured branch
+# gains, so |err| ≤ max(10%, K_SIGMA · se) with se the standard error of err over models
+# (``paired_relative_error``) fails for a predictor bias of more than ~max(10%, K_SIGMA·se) but, for
+# near-Gaussian err, for sampling noise only with probability ~0.3%. m₂ is heavy-tailed (a few large
+# singular values carry it), so se is itself noisy at 6 models: K_SIGMA = 3 leaves room for that.
+K_SIGMA = 3.0
+LM_MODELS = 6
+
+
+def _within(err_se, name):
+    err, se = err_se
+    assert abs(err) <= max(0.10, K_SIGMA * se), f"{name}: pred/MC − 1 = {err:+.1%} ± {se:.1%} (se over models)"
+
+
+LM_CASES = [
+    pytest.param(mixer, 8, marks=[pytest.mark.xfail(strict=True, reason=(
+        "real bias, not noise: m2 pred/MC − 1 = −25% ± 2% (6 models), −24% ± 3% (16 models) at C = 32, "
+        "while the Gaussian-branch control at the same gains is within 10%: non-freeness of the real branches; "
+        "docs/free_probability.md §7"))] if mixer == "identity" else [])
+    for mixer in MIXERS
+] + [pytest.param(mixer, 32, marks=pytest.mark.slow) for mixer in MIXERS]  # fmt: skip
+
+
+@pytest.mark.parametrize("mixer,depth", LM_CASES)
+def test_predicted_moments_match_randomly_initialised_language_models(mixer, depth):
+    """Real JPmHC LMs (attention + MLP, pre-RMSNorm): the prediction from each model's measured branch gains and
+    κ₄ against the exact per-position Jacobians of the same models (C = 32, 2 positions, 6 models), m₁ and m₂
+    each within max(10%, K_SIGMA · se). se is large for m₂ at depth 32 (20–30%: one model's largest singular
+    values carry it), so there the check only excludes gross errors; docs/free_probability.md §7 has C = 64.
+    """
+    ensemble = RandomJPmHCEnsemble.with_default_scale(mixer, depth=depth, hidden_size=32, num_tokens=2)
+    generator = torch.Generator().manual_seed(0)
+    empirical, predicted, circular = [], [], []
+    for _ in range(LM_MODELS):
+        model, input_ids = ensemble.sample_model(generator)
+        measurement = measure_sites(model, input_ids)
+        values = token_spectra(model, input_ids)  # (T, nC)
+        empirical.append(torch.stack([values.mean(), values.square().mean()]))
+        predicted.append(torch.stack(jacobian_moments(measurement.coefficients, measurement.gain, measurement.kappa4)).mean(-1))
+        circular.append(torch.stack(jacobian_moments(measurement.coefficients, measurement.gain)).mean(-1))
+    empirical, predicted, circular = (torch.stack(x) for x in (empirical, predicted, circular))  # (models, 2)
+    _within(paired_relative_error(predicted[:, 0], empirical[:, 0]), "m1")
+    _within(paired_relative_error(predicted[:, 1], empirical[:, 1]), "m2")
+    assert (circular[:, 1] < predicted[:, 1]).all()  # attention and MLP Jacobians are not circular: κ₄ > 0 raises m₂
+
+
+@pytest.mark.parametrize("mixer", MIXERS)
+def test_predictor_matches_gaussian_branch_control_at_language_model_gains(mixer):
+    """The control for the LM test: one depth-8 LM's measured sites (pre, post, H, g_k, β_k at each position),
+    with the real branches replaced by Gaussian ones of the same g_k and β_k (``gaussian_branch_control``,
+    64 draws, positions pooled per draw). The predictor's assumptions hold here up to finite C, so m₁ and m₂
+    must agree within max(10%, K_SIGMA · se); se ≤ 7% keeps the check sharp enough that dropping β (the
+    circular-law prediction, 15–31% low on m₂ here) fails it — asserted, so the test has power.
+    """
+    ensemble = RandomJPmHCEnsemble.with_default_scale(mixer, depth=8, hidden_size=32, num_tokens=2)
+    model, input_ids = ensemble.sample_model(torch.Generator().manual_seed(0))
+    measurement = measure_sites(model, input_ids)
+    generator = torch.Generator().manual_seed(1)
+    tokens = input_ids.numel()
+    predicted, empirical, circular = 0, 0, 0
+    for t in range(tokens):
+        coefficients = SiteCoefficients(*(x[t] for x in (measurement.coefficients.pre, measurement.coefficients.post,
+                                                         measurement.coefficients.mixer)))  # fmt: skip
+        p, e = gaussian_branch_control(coefficients, measurement.gain[t], measurement.kappa4[t], 32, 64, generator)
+        predicted, empirical = predicted + p / tokens, empirical + e / tokens
+        batched = SiteCoefficients(*(x[None] for x in (coefficients.pre, coefficients.post, coefficients.mixer)))
+        circular = circular + jacobian_moments(batched, measurement.gain[t][None])[1] / tokens
+    for k, name in enumerate(("m1", "m2")):
+        err, se = paired_relative_error(predicted[:, k], empirical[:, k])
+        assert se <= 0.07, f"{name}: se {se:.1%} too large for the check to mean anything"
+        _within((err, se), name)
+    with pytest.raises(AssertionError):
+        _within(paired_relative_error(circular.expand(len(empirical)), empirical[:, 1]), "m2 without β")
+
+
+def test_paired_relative_error_and_bootstrap():
+    empirical = torch.tensor([1.0, 4.0, 2.0, 9.0], dtype=torch.float64)
+    assert paired_relative_error(1.1 * empirical, empirical) == pytest.approx((0.1, 0.0), abs=1e-12)
+    assert bootstrap_relative_error(1.1 * empirical, empirical) == pytest.approx((0.1, 0.1), abs=1e-12)
+    predicted = torch.tensor([1.0, 3.0, 2.0, 12.0], dtype=torch.float64)
+    err, se = paired_relative_error(predicted, empirical)
+    ratio = predicted.sum() / empirical.sum()
+    expected_se = ((predicted - ratio * empirical).square().sum() / 12).sqrt() / empirical.mean()
+    assert err == pytest.approx(ratio.item() - 1) and se == pytest.approx(expected_se.item())
+    low, high = bootstrap_relative_error(predicted, empirical)
+    assert low < err < high
+    assert paired_relative_error(predicted[:1], empirical[:1])[1] != paired_relative_error(predicted[:1], empirical[:1])[1]
+
+
+def test_measured_branch_gain_is_the_pre_norm_formula_for_one_token():
+    """One token, layer 0: attention is W_o R W_v RMSNorm(u), so g² = ‖W_o R W_v (I − ûûᵀ/C)‖²_F / (C rms(u)²)."""
+    ensemble = RandomJPmHCEnsemble("identity", depth=1, hidden_size=32, num_tokens=1)
+    model, input_ids = ensemble.sample_model(torch.Generator().manual_seed(0))
+    measurement = measure_sites(model, input_ids)
+    attn = model.layers[0].self_attn
+    u = model.embed_tokens(input_ids)[0].detach()  # all streams equal the embedding, and pre sums to 1
+    rms = (u.square().mean() + model.config.rms_norm_eps).sqrt()
+    repeat = attn.num_key_value_groups
+    w_v = attn.v_proj.weight.unflatten(0, (-1, attn.head_dim)).repeat_interleave(repeat, 0).flatten(0, 1)
+    u_hat = u / u.norm()
+    jacobian = attn.o_proj.weight @ w_v @ (torch.eye(32, dtype=u.dtype) - torch.outer(u_hat, u_hat)) / rms
+    assert measurement.gain.shape == (1, 2) and measurement.coefficients.mixer.shape == (1, 2, 4, 4)
+    assert measurement.gain[0, 0].item() == pytest.approx((jacobian.square().sum() / 32).sqrt().item(), rel=1e-6)
+
+
+def test_kappa4_enters_the_one_site_second_moment():
+    """n = 1, one site: τ(((1 + gw)(1 + gw)*)²) = 1 + 4g² + (2 + β)g⁴ for R-diagonal w with κ₄ = β."""
+    g, beta = 0.7, 1.3
+    one = torch.ones(1, 1, 1)
+    m1, m2 = jacobian_moments(SiteCoefficients(one, one, one.unsqueeze(-1)), g, beta)
+    assert m1.item() == pytest.approx(1 + g**2, rel=1e-12)
+    assert m2.item() == pytest.approx(1 + 4 * g**2 + (2 + beta) * g**4, rel=1e-12)
 
 
 def test_moments_reduce_to_the_scalar_residual_formula():
@@ -110,8 +231,9 @@ def test_stiefel_composite_skip_path_is_orthogonal_at_depth_64():
     torch.testing.assert_close(singular, torch.ones(4, dtype=torch.float64), rtol=0, atol=1e-5)
 
 
-def _random_mixer_model(mixer: str, layers: int, scale: float) -> JPmHCForCausalLM:
-    model = JPmHCForCausalLM(JPmHCConfig(**tiny_llama_kwargs(num_hidden_layers=layers), num_streams=4, mixer=mixer))
+def _random_mixer_model(mixer: str, layers: int, scale: float, **sizes) -> JPmHCForCausalLM:
+    config = JPmHCConfig(**tiny_llama_kwargs(num_hidden_layers=layers, **sizes), num_streams=4, mixer=mixer)
+    model = JPmHCForCausalLM(config)
     with torch.no_grad():
         for layer in model.model.layers:
             for hc in (layer.attn_hc, layer.mlp_hc):
@@ -175,6 +297,12 @@ def test_cli_spectrum_and_gain(tmp_path, capsys):
           "--density-draws", "1", "--output", str(tmp_path / "s.png")])  # fmt: skip
     out = capsys.readouterr().out
     assert "stiefel" in out and "sinkhorn" in out and "m2 MC" in out and (tmp_path / "s.png").exists()
+    main(["spectrum", "--branch", "lm", "--mixer", "stiefel", "--depth", "2", "--hidden", "16", "--samples", "2",
+          "--output", str(tmp_path / "lm.png"), "--json", str(tmp_path / "lm.json")])  # fmt: skip
+    out = capsys.readouterr().out
+    assert "measured branch gains" in out and "90% boot" in out and (tmp_path / "lm.png").exists()
+    (record,) = json.loads((tmp_path / "lm.json").read_text())
+    assert record["mixer"] == "stiefel" and len(record["m2_mc"]) == 2 and len(record["m2_err_boot90"]) == 2
 
     from transformers import PreTrainedTokenizerFast
     from tokenizers import Tokenizer, models, pre_tokenizers
@@ -182,11 +310,13 @@ def test_cli_spectrum_and_gain(tmp_path, capsys):
     vocab = {f"w{i}": i for i in range(128)}
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="w3"))
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    model = _random_mixer_model("unconstrained", 3, 0.3)
+    model = _random_mixer_model("unconstrained", 3, 0.3, hidden_size=16, intermediate_size=32)  # N = nC = 64: fast
     model.save_pretrained(tmp_path / "model")
     PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="w3").save_pretrained(tmp_path / "model")
     main(["gain", "--model", str(tmp_path / "model"), "--prompt", "w5 w9 w11", "--output", str(tmp_path / "g.png")])
     out = capsys.readouterr().out
     assert "model.layers.2.mlp_hc" in out and (tmp_path / "g.png").exists()
+    main(["spectrum", "--model", str(tmp_path / "model"), "--prompt", "w5 w9", "--output", str(tmp_path / "m.png")])
+    assert "m2 pred" in capsys.readouterr().out and (tmp_path / "m.png").exists()
     with pytest.raises(ValueError, match="--logit-std"):
         main(["spectrum", "--mixer", "stiefel", "--depth", "1", "--logit-std", "big", "--output", str(tmp_path / "x.png")])

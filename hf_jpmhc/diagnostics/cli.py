@@ -23,9 +23,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                "'default' = 1 (0.02 for unconstrained)")  # fmt: skip
     spectrum.add_argument("--samples", type=int, default=4, help="Monte-Carlo models per mixer")
     spectrum.add_argument("--density-draws", type=int, default=2, help="mixer draws averaged for the predicted density")
-    spectrum.add_argument("--model", default=None, help="a JPmHC checkpoint: show its own empirical spectrum instead")
-    spectrum.add_argument("--prompt", default="The capital of Germany is", help="text for --model (first token used)")
+    spectrum.add_argument("--branch", choices=("linear", "lm"), default="linear",
+                          help="Monte-Carlo models: 'linear' = hyper-connection stacks with Gaussian linear branches "
+                               "(the predictor's own ensemble, branch gain --gain); 'lm' = randomly initialised JPmHC LMs "
+                               "(Llama attention + MLP, pre-RMSNorm), predicted from each model's measured branch gains")  # fmt: skip
+    spectrum.add_argument("--tokens", type=int, default=2, help="sequence length T for --branch lm and --model "
+                          "(the spectrum is that of each position's block ∂X_L[t]/∂X_0[t], pooled over t)")  # fmt: skip
+    spectrum.add_argument("--model", default=None, help="a JPmHC checkpoint: its own empirical spectrum and its prediction")
+    spectrum.add_argument("--prompt", default="The capital of Germany is", help="text for --model (first --tokens tokens)")
     spectrum.add_argument("--output", default="spectrum.png", help="PNG to write")
+    spectrum.add_argument("--json", default=None, help="--branch lm: also write the per-model moments to this JSON file")
     spectrum.add_argument("--seed", type=int, default=0)
     spectrum.set_defaults(func=_spectrum)
 
@@ -60,8 +67,12 @@ def _load(path: str):
 
 def _spectrum(args: argparse.Namespace) -> None:
     with _single_thread():
+        if args.tokens < 1:
+            raise ValueError(f"--tokens must be >= 1, got {args.tokens}")
         if args.model:
             _model_spectrum(args)
+        elif args.branch == "lm":
+            _lm_ensemble_spectrum(args)
         else:
             _ensemble_spectrum(args)
 
@@ -131,27 +142,143 @@ def _print_table(rows) -> None:
           "m1 = tr(JJᵀ)/N, m2 = tr((JJᵀ)²)/N")  # fmt: skip
 
 
+def _lm_ensemble_spectrum(args: argparse.Namespace) -> None:
+    import torch
+    from tqdm import tqdm
+
+    from .ensemble import RandomJPmHCEnsemble
+    from .free_probability import jacobian_moments
+    from .jacobian import measure_sites, token_spectra
+    from .plots import SpectrumPanel, plot_spectra
+
+    if args.samples < 1:
+        raise ValueError(f"--samples must be >= 1, got {args.samples}")
+    rows, panels = [], []
+    for mixer in [m.strip() for m in args.mixer.split(",") if m.strip()]:
+        ensemble = RandomJPmHCEnsemble(mixer, args.streams, args.depth, args.hidden, args.tokens)
+        ensemble.logit_std = _logit_std(args.logit_std, ensemble.mixer)
+        generator = torch.Generator().manual_seed(args.seed)
+        values, predicted, first = [], [], None
+        for _ in tqdm(range(args.samples), desc=f"Monte-Carlo LMs ({ensemble.mixer})", leave=False):
+            model, input_ids = ensemble.sample_model(generator)
+            measurement = measure_sites(model, input_ids)
+            values.append(token_spectra(model, input_ids))  # (T, nC)
+            predicted.append(torch.stack(jacobian_moments(measurement.coefficients, measurement.gain, measurement.kappa4)))
+            first = first or measurement
+        empirical, predicted = torch.stack(values), torch.stack(predicted)  # (S, T, nC), (S, 2, T)
+        per_model = torch.stack([empirical.mean((1, 2)), empirical.square().mean((1, 2))])  # (2, S), pooled over t
+        rows.append((ensemble.mixer, args.depth, predicted.mean(2).T, per_model))  # (2, S) each
+        grid, density = _predicted_density(first, empirical)
+        title = (f"{ensemble.mixer}: n={args.streams}, L={args.depth}, C={args.hidden}, T={args.tokens}, "
+                 f"s={ensemble.logit_std}\n{args.samples} random LMs; prediction for the first")  # fmt: skip
+        panels.append(SpectrumPanel(title, grid, density, empirical.flatten()))
+    _print_ensemble_table(rows)
+    if args.json:
+        _write_json(args, rows)
+    plot_spectra(panels, args.output, "Squared singular values of ∂X_L[t]/∂X_0[t], randomly initialised JPmHC LMs")
+    print(f"wrote {args.output}")
+
+
+def _predicted_density(measurement, empirical):
+    """Predicted density on a log grid spanning the empirical values, averaged over token positions (circular law)."""
+    import math
+
+    import torch
+
+    from .free_probability import jacobian_density
+
+    values = empirical[empirical > 0]
+    top = math.log10(values.max().item()) + 0.5
+    grid = torch.logspace(max(math.log10(values.mean().item()) - 5, math.log10(values.min().item()) - 0.5), top, 60,
+                          dtype=torch.float64)  # fmt: skip
+    return grid, jacobian_density(measurement.coefficients, measurement.gain, grid).mean(0)
+
+
+def _print_measured_table(rows, note: str) -> None:
+    print(f"{'mixer':<14}{'depth':>6}  {'m1 pred':>10}{'m1 MC':>10}{'err':>8}  {'m2 pred':>10}{'m2 MC':>10}{'err':>8}")
+    for mixer, depth, p1, e1, p2, e2 in rows:
+        print(f"{mixer:<14}{depth:>6}  {p1:>10.4g}{e1:>10.4g}{p1 / e1 - 1:>+8.1%}  {p2:>10.4g}{e2:>10.4g}{p2 / e2 - 1:>+8.1%}")
+    print(note + "; m1 = tr(JJᵀ)/N, m2 = tr((JJᵀ)²)/N, N = nC")
+
+
+def _print_ensemble_table(rows) -> None:
+    """m1, m2 predicted vs Monte Carlo over S models, with standard errors over models (± columns)."""
+    from .ensemble import bootstrap_relative_error, paired_relative_error, standard_error
+
+    def cells(predicted, empirical):
+        err, err_se = paired_relative_error(predicted, empirical)
+        low, high = bootstrap_relative_error(predicted, empirical)
+        return (f"{predicted.mean().item():>10.4g}{empirical.mean().item():>10.4g} ±{standard_error(empirical):<8.2g}"
+                f"{err:>+7.1%} ±{err_se:<6.1%}{f'[{low:+.0%}, {high:+.0%}]':>14}")  # fmt: skip
+
+    print(f"{'mixer':<14}{'depth':>6}  {'m1 pred':>10}{'m1 MC':>10} {'± se':<8}{'err':>7} {'± se':<6}{'90% boot':>14}"
+          f"  {'m2 pred':>10}{'m2 MC':>10} {'± se':<8}{'err':>7} {'± se':<6}{'90% boot':>14}")  # fmt: skip
+    for mixer, depth, predicted, empirical in rows:
+        print(f"{mixer:<14}{depth:>6}  {cells(predicted[0], empirical[0])}  {cells(predicted[1], empirical[1])}")
+    print("pred: free-probability moments from each model's measured branch gains g_k and κ₄ (ensemble.py: "
+          "RandomJPmHCEnsemble), averaged over models and positions; m1 = tr(JJᵀ)/N, m2 = tr((JJᵀ)²)/N, N = nC;\n"
+          "± se: standard error over models of the MC mean, and of err = Σpred/ΣMC − 1 paired by model; "
+          "90% boot: percentile bootstrap interval of err over models")  # fmt: skip
+
+
+def _write_json(args: argparse.Namespace, rows) -> None:
+    import json
+
+    from .ensemble import bootstrap_relative_error, paired_relative_error
+
+    records = []
+    for mixer, depth, predicted, empirical in rows:
+        record = {"mixer": mixer, "depth": depth, "streams": args.streams, "hidden": args.hidden, "tokens": args.tokens,
+                  "seed": args.seed}  # fmt: skip
+        for k, name in enumerate(("m1", "m2")):
+            err, err_se = paired_relative_error(predicted[k], empirical[k])
+            record.update({f"{name}_pred": predicted[k].tolist(), f"{name}_mc": empirical[k].tolist(),
+                           f"{name}_err": err, f"{name}_err_se": err_se,
+                           f"{name}_err_boot90": bootstrap_relative_error(predicted[k], empirical[k])})  # fmt: skip
+        records.append(record)
+    with open(args.json, "w") as f:
+        json.dump(records, f, indent=1)
+    print(f"wrote {args.json}")
+
+
 def _model_spectrum(args: argparse.Namespace) -> None:
     import torch
 
-    from .jacobian import exact_jacobian, jacobian_moment_estimates, model_stream_map, squared_singular_values
+    from .free_probability import jacobian_moments
+    from .jacobian import (exact_jacobian, jacobian_moment_estimates, measure_sites, model_initial_streams,
+                           model_stream_map, squared_singular_values, token_stream_map)  # fmt: skip
     from .plots import SpectrumPanel, plot_spectra
 
     model, tokenizer = _load(args.model)
-    input_ids = tokenizer(args.prompt, return_tensors="pt").input_ids[0, :1]  # one token position
-    stream_map = model_stream_map(model, input_ids)
-    n, hidden = model.config.num_streams, model.config.hidden_size
-    start = model.get_input_embeddings()(input_ids).detach().unsqueeze(-2).expand(1, n, hidden).clone()  # (T, n, C)
-    size = start.numel()
-    if size <= 2048:
-        values = squared_singular_values(exact_jacobian(stream_map, start, chunk_size=256))
-        m1, m2 = values.mean().item(), values.square().mean().item()
-        plot_spectra([SpectrumPanel(f"{args.model} (one token)", None, None, values)], args.output)
-        print(f"exact Jacobian ({size}×{size}): m1 = {m1:.4g}, m2 = {m2:.4g}, max σ² = {values.max().item():.4g}")
+    model = model.double()  # streams in float64; the coefficients stay float32 (SPEC §1)
+    input_ids = tokenizer(args.prompt, return_tensors="pt").input_ids[0, : args.tokens]
+    measurement = measure_sites(model, input_ids)
+    p1, p2 = jacobian_moments(measurement.coefficients, measurement.gain, measurement.kappa4)  # (T,)
+    stream_map, start = model_stream_map(model, input_ids), model_initial_streams(model, input_ids)
+    size = start[0].numel()
+    generator = torch.Generator().manual_seed(args.seed)
+    empirical, moments = [], []
+    for t in range(start.shape[0]):
+        block = token_stream_map(stream_map, start, t)
+        if size <= 2048:
+            values = squared_singular_values(exact_jacobian(block, start[t], chunk_size=256))
+            empirical.append(values)
+            moments.append((values.mean().item(), values.square().mean().item()))
+        else:
+            moments.append(jacobian_moment_estimates(block, start[t], num_probes=16, generator=generator))
+    e1, e2 = (sum(m[i] for m in moments) / len(moments) for i in (0, 1))
+    how = "exact" if empirical else f"Hutchinson, 16 probes (N = {size})"
+    mixer = model.config.mixer
+    _print_measured_table([(mixer, model.config.num_hidden_layers, p1.mean().item(), e1, p2.mean().item(), e2)],
+                          f"pred: from {args.model}'s measured branch gains on {input_ids.numel()} token(s); MC: {how}")  # fmt: skip
+    if empirical:
+        empirical = torch.stack(empirical)
+        grid, density = _predicted_density(measurement, empirical)
+        title = f"{args.model}: {mixer}, n={model.config.num_streams}, L={model.config.num_hidden_layers}, T={start.shape[0]}"
+        plot_spectra([SpectrumPanel(title, grid, density, empirical.flatten())], args.output)
         print(f"wrote {args.output}")
     else:
-        m1, m2 = jacobian_moment_estimates(stream_map, start, num_probes=16, generator=torch.Generator().manual_seed(args.seed))
-        print(f"Hutchinson estimates (16 probes, N = {size}): m1 = {m1:.4g}, m2 = {m2:.4g} (no plot: too large for exact)")
+        print("no plot: the Jacobian is too large to diagonalise exactly (N > 2048)")
 
 
 def _gain(args: argparse.Namespace) -> None:

@@ -24,7 +24,7 @@ from torch import nn
 
 from ..models.configuration_jpmhc import JPmHCConfig
 from ..models.hyper_connection import collapse_streams
-from ..models.modeling_jpmhc import build_hyper_connection
+from ..models.modeling_jpmhc import JPmHCModel, build_hyper_connection
 
 # Default logit scale of the random-mixer ensemble. The unconstrained mixer is H = I + θ: with s = 1 its
 # product over 128 sites is ~1e40 and the average over draws is carried by rare draws; a small scale
@@ -84,12 +84,7 @@ class RandomHyperConnectionEnsemble:
         sites = nn.ModuleList(
             build_hyper_connection(self.config, site, self.config.rms_norm_eps) for site in range(self.num_sites)
         )
-        if self.logit_std is not None:
-            with torch.no_grad():
-                for hc in sites:
-                    r = hc.mixer.num_logits
-                    if r:
-                        hc.bias[-r:] = self.logit_std * torch.randn(r, generator=generator)
+        randomize_mixer_logits(sites, self.logit_std, generator)
         return sites
 
     def sample_model(self, generator: torch.Generator) -> HyperConnectedLinearStack:
@@ -112,6 +107,167 @@ class RandomHyperConnectionEnsemble:
                 ], dim=1)  # fmt: skip
         pre, post = pre.expand(num_draws, *pre.shape), post.expand(num_draws, *post.shape)
         return SiteCoefficients(pre, post, mixer if mixer.dim() == 4 else mixer.expand(num_draws, *mixer.shape))
+
+
+@torch.no_grad()
+def randomize_mixer_logits(sites, logit_std: float | None, generator: torch.Generator) -> None:
+    """b_res ← N(0, s²) i.i.d. on every site, in order (the ensembles' random mixers); ``None`` keeps the init."""
+    if logit_std is None:
+        return
+    for hc in sites:
+        r = hc.mixer.num_logits
+        if r:
+            hc.bias[-r:] = logit_std * torch.randn(r, generator=generator)
+
+
+@dataclass
+class RandomJPmHCEnsemble:
+    """Randomly initialised JPmHC language models: the same random mixers, with real branches.
+
+    One model: ``JPmHCModel`` (Llama attention with GQA + SwiGLU MLP, pre-RMSNorm, dynamic hyper-connections)
+    with transformers' initialisation (weights and embeddings N(0, 0.02²), Φ = 0), in float64 streams,
+    then the mixer logits b_res of its 2L sites drawn N(0, s²) by ``randomize_mixer_logits`` — the same
+    draw as ``RandomHyperConnectionEnsemble`` — and a random sequence of ``num_tokens`` token ids.
+    Φ stays 0, so the coefficients still do not depend on the streams.
+    """
+
+    mixer: str
+    num_streams: int = 4
+    depth: int = 8
+    hidden_size: int = 64
+    num_tokens: int = 2
+    logit_std: float | None = 1.0
+    grassmann_rank: int | None = None
+
+    def __post_init__(self):
+        for field in ("num_streams", "depth", "hidden_size", "num_tokens"):
+            value = getattr(self, field)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{field} must be a positive integer, got {value!r}")
+        if self.hidden_size % 16:
+            raise ValueError(f"hidden_size must be a multiple of 16 (4 heads of width ≥ 4), got {self.hidden_size}")
+        if self.logit_std is not None and not self.logit_std >= 0:
+            raise ValueError(f"logit_std must be >= 0 or None (mixers at their init), got {self.logit_std}")
+        self.config = JPmHCConfig(
+            vocab_size=128,
+            hidden_size=self.hidden_size,
+            intermediate_size=2 * self.hidden_size,
+            num_hidden_layers=self.depth,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=max(64, self.num_tokens),
+            num_streams=self.num_streams,
+            mixer=self.mixer,
+            grassmann_rank=self.grassmann_rank,
+            attn_implementation="eager",  # the mask is an explicit tensor: batching Jacobian rows cannot change it
+        )
+        self.mixer = self.config.mixer
+
+    @classmethod
+    def with_default_scale(cls, mixer: str, **kwargs) -> RandomJPmHCEnsemble:
+        """The ensemble with this mixer's default logit scale (``DEFAULT_LOGIT_STD``, else 1)."""
+        ensemble = cls(mixer, **kwargs)
+        ensemble.logit_std = DEFAULT_LOGIT_STD.get(ensemble.mixer, 1.0)
+        return ensemble
+
+    @property
+    def num_sites(self) -> int:
+        return 2 * self.depth
+
+    def sample_model(self, generator: torch.Generator) -> tuple[JPmHCModel, torch.Tensor]:
+        """One randomly initialised LM (eval mode, float64) and its input ids (T,)."""
+        seed = int(torch.randint(2**62, (1,), generator=generator))
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)  # transformers' init draws from the global generator
+            model = JPmHCModel(self.config).double().eval()
+        randomize_mixer_logits([hc for layer in model.layers for hc in (layer.attn_hc, layer.mlp_hc)], self.logit_std, generator)
+        return model, torch.randint(3, self.config.vocab_size, (self.num_tokens,), generator=generator)
+
+
+@torch.no_grad()
+def gaussian_branch_control(
+    coefficients: SiteCoefficients, gain, kappa4, hidden: int, draws: int, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The predictor's own ensemble at a measured gain profile: a control for the real-LM comparison.
+
+    For one token position's sites — pre (K, n), post (K, n), H (K, n, n), gains g_k and β_k (K,), e.g. a
+    ``SiteMeasurement`` at position t — draws ``draws`` stacks J = Π_k (H_kᵀ ⊗ I_C + post_k pre_kᵀ ⊗ W_k) with
+    Gaussian branches W_k: a square Gaussian for β_k < 0.5, else a product A·B of inner rank round(C/β_k)
+    (β ≈ C/r), each rescaled to tr(W Wᵀ)/C = g_k² exactly. Returns the prediction from each draw's own
+    (g_k, β_k) and the exact (m₁, m₂) of that draw, both (draws, 2).
+
+    Same coefficients, gains and β as the LM, same pipeline, but branches that satisfy the predictor's
+    freeness assumption: a miss here is a bug or a finite-C effect of the recursion; a miss on the LM
+    that is absent here comes from the real branches (non-freeness).
+    """
+    from .free_probability import jacobian_moments
+
+    a = coefficients.mixer.double().transpose(-1, -2).contiguous()
+    b = coefficients.post.double()[:, :, None] * coefficients.pre.double()[:, None, :]
+    gain = torch.as_tensor(gain, dtype=torch.float64).flatten()
+    kappa4 = torch.as_tensor(kappa4, dtype=torch.float64).flatten()
+    sites, n = a.shape[0], a.shape[-1]
+    eye = torch.eye(hidden, dtype=torch.float64)
+    one = SiteCoefficients(*(x.unsqueeze(0) for x in (coefficients.pre, coefficients.post, coefficients.mixer)))
+    predicted, empirical = [], []
+    for _ in range(draws):
+        jacobian = torch.eye(n * hidden, dtype=torch.float64)
+        betas = torch.empty(sites, dtype=torch.float64)
+        for k in range(sites):
+            if kappa4[k] < 0.5:
+                w = torch.randn(hidden, hidden, generator=generator, dtype=torch.float64)
+            else:
+                rank = max(1, min(hidden, round(hidden / kappa4[k].item())))
+                w = torch.randn(hidden, rank, generator=generator, dtype=torch.float64)
+                w = w @ torch.randn(rank, hidden, generator=generator, dtype=torch.float64)
+            w = w * (gain[k] / (w.square().sum() / hidden).sqrt())
+            gram = w @ w.T
+            betas[k] = (gram @ gram).trace() / hidden / gain[k] ** 4 - 2
+            jacobian = (torch.kron(a[k], eye) + torch.kron(b[k], w)) @ jacobian
+        values = torch.linalg.svdvals(jacobian).square()
+        empirical.append(torch.stack([values.mean(), values.square().mean()]))
+        predicted.append(torch.cat(jacobian_moments(one, gain[None], betas[None])))
+    return torch.stack(predicted), torch.stack(empirical)
+
+
+def paired_relative_error(predicted, empirical) -> tuple[float, float]:
+    """Relative error r = Σ p_s / Σ e_s − 1 of per-model predictions p_s against the same models' Monte-Carlo
+    values e_s, and its standard error over models (the ratio estimator, paired: the spread of p_s − (1 + r) e_s).
+
+    The pairing matters: each prediction is conditioned on its model's own mixers and measured gains, so
+    model-to-model scatter that the predictor follows cancels; what is left is sampling noise plus any bias.
+    Needs S ≥ 2 models for the error (``nan`` otherwise).
+    """
+    p, e = (torch.as_tensor(x, dtype=torch.float64).flatten() for x in (predicted, empirical))
+    if p.shape != e.shape or p.numel() < 1:
+        raise ValueError(f"need matching non-empty per-model values, got {tuple(p.shape)} and {tuple(e.shape)}")
+    ratio = p.sum() / e.sum()
+    samples = p.numel()
+    if samples < 2:
+        return ratio.item() - 1, float("nan")
+    residual = p - ratio * e
+    return ratio.item() - 1, (residual.square().sum() / (samples * (samples - 1))).sqrt().item() / e.mean().item()
+
+
+def bootstrap_relative_error(predicted, empirical, level: float = 0.9, resamples: int = 4000, seed: int = 0):
+    """Percentile bootstrap interval (over models, paired) of Σ p_s / Σ e_s − 1: (low, high) at ``level``.
+
+    Unlike the standard error it does not assume the ratio is near-Gaussian, which matters for m₂: with few
+    models one model can carry most of Σ e_s, and the interval then shows what leaving it out would do.
+    """
+    p, e = (torch.as_tensor(x, dtype=torch.float64).flatten() for x in (predicted, empirical))
+    if p.shape != e.shape or p.numel() < 2:
+        return float("nan"), float("nan")
+    index = torch.randint(p.numel(), (resamples, p.numel()), generator=torch.Generator().manual_seed(seed))
+    ratios = p[index].sum(1) / e[index].sum(1) - 1
+    tail = (1 - level) / 2
+    return tuple(torch.quantile(ratios, torch.tensor([tail, 1 - tail], dtype=torch.float64)).tolist())
+
+
+def standard_error(values) -> float:
+    """Standard error of the mean over models (``nan`` for one model)."""
+    values = torch.as_tensor(values, dtype=torch.float64).flatten()
+    return (values.std() / values.numel() ** 0.5).item() if values.numel() > 1 else float("nan")
 
 
 @dataclass

@@ -42,28 +42,36 @@ def _layer_factors(coefficients: SiteCoefficients, branch_gain: torch.Tensor | f
     return a, b, gain_sq
 
 
-def jacobian_moments(coefficients: SiteCoefficients, branch_gain: torch.Tensor | float) -> tuple[torch.Tensor, torch.Tensor]:
+def jacobian_moments(
+    coefficients: SiteCoefficients, branch_gain: torch.Tensor | float, branch_kappa4: torch.Tensor | float = 0.0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(m₁, m₂) of the squared singular values of J = J_K ⋯ J_1, per draw (…).
 
     With S_k = E[P_k P_kᵀ] ∈ M_n and Φ_k(D) = E[P_k P_kᵀ D P_k P_kᵀ] (P_k = J_k ⋯ J_1, E = id ⊗ τ):
 
         vec S_k = T_k vec S_{k−1},          T_k = a_k ⊗ a_k + g_k² b_k ⊗ b_k                       (2)
-        Φ_k = T_k Φ_{k−1} T_kᵀ + η ⊗ aSaᵀ + aSaᵀ ⊗ η + η ⊗ η,   η = g_k² b_k S b_kᵀ, S = S_{k−1}      (3)
+        Φ_k = T_k Φ_{k−1} T_kᵀ + η ⊗ aSaᵀ + aSaᵀ ⊗ η + (1 + β_k) η ⊗ η,
+                                             η = g_k² b_k S b_kᵀ, S = S_{k−1}                       (3)
 
     and m₁ = tr S_K / n, m₂ = tr Φ_K(I) / n. ``branch_gain`` is g, scalar or per site (…, K).
+    ``branch_kappa4`` is β = κ₄/κ₂², the normalised fourth free cumulant of an R-diagonal branch
+    Jacobian, scalar or per site (…, K): 0 for a circular (Gaussian) branch, 1 for a product of two
+    square Gaussian matrices (attention's W_o W_v); it enters only the four-branch term of (3).
     """
     a, b, gain_sq = _layer_factors(coefficients, branch_gain)
+    kappa4 = torch.as_tensor(branch_kappa4, dtype=torch.float64) * torch.ones_like(gain_sq)
     n = a.shape[-1]
     eye = torch.eye(n, dtype=torch.float64)
     batch = a.shape[:-3]
     cov = eye.expand(*batch, n, n).clone()  # S_0 = I
     second = torch.eye(n * n, dtype=torch.float64).expand(*batch, n * n, n * n).clone()  # Φ_0 = id
     for k in range(a.shape[-3]):
-        ak, bk, gk = a[..., k, :, :], b[..., k, :, :], gain_sq[..., k, None, None]
+        ak, bk, gk, beta = a[..., k, :, :], b[..., k, :, :], gain_sq[..., k, None, None], kappa4[..., k, None, None]
         transfer = _kron(ak, ak) + gk * _kron(bk, bk)
         skip = ak @ cov @ ak.transpose(-1, -2)
         branch = gk * bk @ cov @ bk.transpose(-1, -2)
-        second = transfer @ second @ transfer.transpose(-1, -2) + _kron(branch, skip) + _kron(skip, branch) + _kron(branch, branch)
+        second = (transfer @ second @ transfer.transpose(-1, -2) + _kron(branch, skip) + _kron(skip, branch)
+                  + (1 + beta) * _kron(branch, branch))  # fmt: skip
         cov = skip + branch
     vec_eye = eye.reshape(n * n)
     m1 = cov.diagonal(dim1=-2, dim2=-1).sum(-1) / n

@@ -14,8 +14,12 @@ any autograd Function (the mixers' implicit backwards included).
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
+
+from ..models.hyper_connection import collapse_streams
+from .ensemble import SiteCoefficients
 
 StreamMap = Callable[[torch.Tensor], torch.Tensor]
 
@@ -86,3 +90,133 @@ def model_stream_map(model: torch.nn.Module, input_ids: torch.Tensor) -> StreamM
         return captured["out"]
 
     return stream_map
+
+
+def token_stream_map(stream_map: StreamMap, streams: torch.Tensor, position: int) -> StreamMap:
+    """The diagonal block X_L[t] ← X_0[t] of a stream map over tokens (…, T, n, C): the other tokens held at ``streams``.
+
+    Under a causal mask a change of X_0[t] reaches X_L[t] only along token t, so this block is the product
+    of the sites' same-token blocks — the per-position Jacobian the predictor describes.
+    """
+
+    def block(token_streams: torch.Tensor) -> torch.Tensor:  # (B, n, C) → (B, n, C)
+        full = streams.detach().unsqueeze(0).repeat(token_streams.shape[0], *([1] * streams.dim()))
+        full = torch.cat([full[:, :position], token_streams.unsqueeze(1), full[:, position + 1 :]], dim=1)
+        return stream_map(full)[:, position]
+
+    return block
+
+
+@dataclass
+class SiteMeasurement:
+    """What the predictor needs from a JPmHC LM, per token position t and site k (stream order).
+
+    coefficients: pre (T, K, n), post (T, K, n), H (T, K, n, n) at the streams each site reads;
+    gain:   g (T, K) with g² = tr(J_F J_Fᵀ)/C, J_F = ∂f[t]/∂u[t] the branch's same-token Jacobian,
+            RMSNorm included (so g carries its 1/rms(u));
+    kappa4: β (T, K) = (tr((J_F J_Fᵀ)²)/C) / g⁴ − 2, the normalised fourth free cumulant (0 if circular).
+    """
+
+    coefficients: SiteCoefficients
+    gain: torch.Tensor
+    kappa4: torch.Tensor
+
+
+def _branch_block_moments(branch: Callable[[torch.Tensor], torch.Tensor], u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tr(JJᵀ)/C, tr((JJᵀ)²)/C) of the same-token blocks J = ∂f[t]/∂u[t] of a branch f on u (T, C), per t: T·C VJPs."""
+    tokens, hidden = u.shape
+    count = tokens * hidden
+    inputs = u.detach().unsqueeze(0).repeat(count, 1, 1).requires_grad_(True)
+    outputs = branch(inputs)  # (T·C, T, C)
+    seeds = torch.zeros_like(outputs)
+    rows = torch.arange(count)
+    seeds[rows, rows // hidden, rows % hidden] = 1.0
+    (grad,) = torch.autograd.grad(outputs, inputs, seeds)
+    grad = grad.double().view(tokens, hidden, tokens, hidden)
+    blocks = grad[torch.arange(tokens), :, torch.arange(tokens)]  # (T, C, C)
+    gram = blocks @ blocks.transpose(-1, -2)
+    return gram.diagonal(dim1=-2, dim2=-1).sum(-1) / hidden, (gram @ gram).diagonal(dim1=-2, dim2=-1).sum(-1) / hidden
+
+
+def measure_sites(model: torch.nn.Module, input_ids: torch.Tensor) -> SiteMeasurement:
+    """Coefficients and branch Jacobian moments of every hyper-connection site of a JPmHC LM on one sequence (T,).
+
+    One forward pass records the streams each site reads and the attention's keyword arguments (rotary
+    embeddings, mask); each branch f = Attn(norm(u)) or MLP(norm(u)) is then differentiated alone, at the
+    recorded u, with the other tokens held fixed. The coefficient path ∂(pre, post, H)/∂X is not measured:
+    it is zero at initialisation (Φ = 0).
+    """
+    base = getattr(model, "model", model)
+    layers = getattr(base, "layers", None)
+    if layers is None or not all(hasattr(layer, "attn_hc") for layer in layers):
+        raise ValueError(f"{type(model).__name__} is not a JPmHC LM (expected model.model.layers[i].attn_hc / mlp_hc)")
+    if input_ids.dim() != 1:
+        raise ValueError(f"input_ids must be one sequence (T,), got shape {tuple(input_ids.shape)}")
+    sites = [(hc, i, kind) for i, layer in enumerate(layers) for hc, kind in ((layer.attn_hc, "attn"), (layer.mlp_hc, "mlp"))]
+    streams_read: list[torch.Tensor] = []
+    attention_kwargs: dict[int, dict] = {}
+
+    def recorder(hc):
+        def read(streams: torch.Tensor):
+            streams_read.append(streams.detach()[0])  # (T, n, C)
+            return type(hc).read(hc, streams)
+
+        return read
+
+    def keep_kwargs(index: int):
+        def hook(module, args, kwargs):
+            attention_kwargs[index] = {k: v for k, v in kwargs.items() if k not in ("hidden_states", "past_key_values")}
+
+        return hook
+
+    hooks = [layer.self_attn.register_forward_pre_hook(keep_kwargs(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    try:
+        for hc, *_ in sites:
+            hc.read = recorder(hc)
+        with torch.no_grad():
+            base(input_ids=input_ids[None], use_cache=False)
+    finally:
+        for hook in hooks:
+            hook.remove()
+        for hc, *_ in sites:
+            hc.__dict__.pop("read", None)
+
+    pres, posts, mixers, second_moments, fourth_moments = [], [], [], [], []
+    for (hc, index, kind), streams in zip(sites, streams_read):
+        tokens, n = streams.shape[:2]
+        with torch.no_grad():
+            pre, post, mixer = hc.coefficients(streams)  # static sites: no token axis
+            pre, post, mixer = pre.expand(tokens, n), post.expand(tokens, n), mixer.expand(tokens, n, n)
+            u = collapse_streams(streams, pre)  # (T, C)
+        layer = layers[index]
+        if kind == "attn":
+
+            def branch(x, layer=layer, kwargs=attention_kwargs[index]):
+                return layer.self_attn(hidden_states=layer.input_layernorm(x), **kwargs)[0]
+        else:
+
+            def branch(x, layer=layer):
+                return layer.mlp(layer.post_attention_layernorm(x))
+
+        m1, m2 = _branch_block_moments(branch, u)
+        pres.append(pre), posts.append(post), mixers.append(mixer)
+        second_moments.append(m1), fourth_moments.append(m2)
+    m1, m2 = torch.stack(second_moments, 1), torch.stack(fourth_moments, 1)  # (T, K)
+    coefficients = SiteCoefficients(torch.stack(pres, 1).float(), torch.stack(posts, 1).float(), torch.stack(mixers, 1).float())
+    return SiteMeasurement(coefficients, m1.sqrt(), m2 / m1.square() - 2)
+
+
+def model_initial_streams(model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+    """X_0 of a JPmHC LM on one sequence (T,): the token embeddings copied to the n streams, (T, n, C)."""
+    embeddings = model.get_input_embeddings()(input_ids).detach()  # (T, C)
+    return embeddings.unsqueeze(-2).expand(*embeddings.shape[:-1], model.config.num_streams, embeddings.shape[-1]).clone()
+
+
+def token_spectra(model: torch.nn.Module, input_ids: torch.Tensor, chunk_size: int | None = 256) -> torch.Tensor:
+    """Squared singular values of every position's block ∂X_L[t]/∂X_0[t] of a JPmHC LM, (T, nC), exactly."""
+    stream_map = model_stream_map(model, input_ids)
+    start = model_initial_streams(model, input_ids)
+    return torch.stack([
+        squared_singular_values(exact_jacobian(token_stream_map(stream_map, start, t), start[t], chunk_size))
+        for t in range(start.shape[0])
+    ])  # fmt: skip
