@@ -4,7 +4,11 @@ Batch 1, a 32-token prompt, 64 new tokens, ``do_sample=False``; rounds interleav
 Attention only ever sees the collapsed stream, so the caches are the Llama's; the extra cost is the
 per-token hyper-connection work. Target: ratio ≤ 1.15×.
 
-    python benchmarks/bench_generate.py [--repeats 5] [--new-tokens 64] [--threads 1]
+``--compile``: every model decodes with transformers' own compiled path — a static KV cache, whose
+``generate`` compiles the decoding forward (``CompileConfig``; on CPU it must be allowed explicitly). The
+first round, excluded from the medians, includes compilation (≈ 0.5–2 min per model on one core).
+
+    python benchmarks/bench_generate.py [--repeats 5] [--new-tokens 64] [--threads 1] [--compile]
 """
 
 from __future__ import annotations
@@ -12,18 +16,25 @@ from __future__ import annotations
 import argparse
 
 import torch
+from transformers import CompileConfig
 
 from bench_train_step import interleaved_medians, jpmhc, llama, print_table
 
 
-def generate_fn(model: torch.nn.Module, new_tokens: int):
+def generate_fn(model: torch.nn.Module, new_tokens: int, compile_model: bool = False):
     model.eval()
     prompt = torch.randint(3, model.config.vocab_size, (1, 32), generator=torch.Generator().manual_seed(0))
+    options = {}
+    if compile_model:
+        compile_config = CompileConfig()
+        compile_config._compile_all_devices = True  # transformers auto-compiles on accelerators only by default
+        model.generation_config.compile_config = compile_config
+        options["cache_implementation"] = "static"  # the cache generate() compiles for
 
     @torch.inference_mode()
     def run() -> None:
         out = model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                             use_cache=True, pad_token_id=0)  # fmt: skip
+                             use_cache=True, pad_token_id=0, **options)  # fmt: skip
         assert out.shape[1] == prompt.shape[1] + new_tokens
 
     return run
@@ -35,14 +46,15 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
                         help="intra-op threads; 1 avoids OpenMP barrier stalls on an oversubscribed machine")  # fmt: skip
+    parser.add_argument("--compile", action="store_true", help="static cache + compiled decoding, every model alike")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    runs = {"llama": generate_fn(llama(), args.new_tokens)}
+    runs = {"llama": generate_fn(llama(), args.new_tokens, args.compile)}
     for mixer in ("stiefel", "sinkhorn", "kronecker"):
-        runs[f"jpmhc n=4 {mixer}"] = generate_fn(jpmhc(mixer), args.new_tokens)
+        runs[f"jpmhc n=4 {mixer}"] = generate_fn(jpmhc(mixer), args.new_tokens, args.compile)
     medians = interleaved_medians(runs, args.repeats)
     print_table(f"greedy generation, KV cache, batch 1, prompt 32, {args.new_tokens} new tokens, "
-                f"{args.repeats} interleaved rounds", medians, "llama", target="target: ratio ≤ 1.15×")  # fmt: skip
+                f"compile={args.compile}, {args.repeats} interleaved rounds", medians, "llama", target="target: ratio ≤ 1.15×")  # fmt: skip
 
 
 if __name__ == "__main__":

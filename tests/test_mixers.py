@@ -227,6 +227,17 @@ def test_cayley_iterative_default_steps_at_small_norm():
     assert orthogonality_residual(iterative) <= TOL
 
 
+@pytest.mark.parametrize("n", [2, 4, 8, 16], ids=["n2", "n4", "n8", "n16"])
+def test_kronecker_is_the_product_of_its_factors(n):
+    """H = U_1 ⊗ … ⊗ U_K with U_k = [[p_k, 1 − p_k], [1 − p_k, p_k]], U_1 outermost, checked with torch.kron."""
+    theta = torch.randn(3, n.bit_length() - 1) * 3
+    p = torch.sigmoid(theta)
+    for h, row in zip(build_mixer("kronecker", n)(theta), p):
+        expected = torch.ones(1, 1)
+        for pk in row:
+            expected = torch.kron(expected, torch.stack([torch.stack([pk, 1 - pk]), torch.stack([1 - pk, pk])]))
+        torch.testing.assert_close(h, expected, rtol=1e-6, atol=0)
+
 # ----------------------------------------------------------------------------------------------------
 # errors
 # ----------------------------------------------------------------------------------------------------

@@ -33,7 +33,8 @@ class HyperConnectionConfig:
     hc_pre_eps:            added to the read weights, pre = σ(·) + eps (DeepSeek-V4 convention; 0 here).
     hc_collapse:           "learned" (σ head, DeepSeek-V4's HyperHead) or "mean" (fixed average of the streams).
     kernel_backend:        "auto" (Triton on CUDA, torch elsewhere), "torch" or "triton".
-    hc_recompute:          recompute the hyper-connection coefficients in the backward instead of storing them.
+    hc_recompute:          recompute the coefficients, mixers and mid-layer streams in the backward: per layer the
+                           streams are stored once, as its input (mHC's recomputation).
     """
 
     num_streams: int = 4

@@ -6,8 +6,9 @@ X ∈ R^{B×T×n×C} are the residual streams; coefficients are always computed 
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -31,7 +32,13 @@ def normalized_projection(streams: torch.Tensor, phi: torch.Tensor, eps: float) 
     but X is read once and no normalised nC-wide copy is made or saved for the backward.
     """
     x = streams.flatten(-2).float()  # (…, nC)
-    return F.linear(x, phi.float()) * rms_scale(x, eps)
+    return skinny_linear(x, phi.float()) * rms_scale(x, eps)
+
+
+def skinny_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x Wᵀ for a weight with few rows, (…, K), (M, K) → (…, M): computed as (W xᵀ)ᵀ, which MKL runs about 1.8×
+    faster on CPU than ``F.linear`` when M ≈ 14 (the result is a transposed view)."""
+    return (weight @ x.mT).mT
 
 
 def activate_coefficients(z: torch.Tensor, split_sizes: tuple[int, int, int], pre_eps: float):
@@ -65,7 +72,13 @@ def expand_streams(hidden: torch.Tensor, num_streams: int) -> torch.Tensor:
 
 def collapse_streams(streams: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """u = Σ_i w_i X_i: (…, n, C), (…, n) → (…, C), accumulated in float32, returned in the streams' dtype."""
-    return torch.einsum("...n,...nc->...c", weights.float(), streams.float()).to(streams.dtype)
+    return torch.matmul(weights.float().unsqueeze(-2), streams.float()).squeeze(-2).to(streams.dtype)
+
+
+def row_dot(vector: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """(…, C), (…, n, C) → (…, n): each row's dot product with the vector, as the batched product vᵀ Xᵀ — on CPU
+    3× faster than X v (MKL's batched matrix-vector kernel) and without the n·C-wide temporary of (X ⊙ v).sum(-1)."""
+    return torch.matmul(vector.unsqueeze(-2), rows.transpose(-1, -2)).squeeze(-2)
 
 
 def update_streams(streams: torch.Tensor, mixer: torch.Tensor, post: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
@@ -106,7 +119,7 @@ class HyperConnectionRead(torch.autograd.Function):
     def forward(ctx, streams, phi, alpha, bias, split_sizes, pre_eps: float, norm_eps: float):
         x = streams.flatten(-2).float()  # (…, K)
         rstd = rms_scale(x, norm_eps)  # (…, 1)
-        zlin = F.linear(x, phi.float()) * rstd  # (…, M)
+        zlin = skinny_linear(x, phi.float()) * rstd  # (…, M)
         scale = torch.cat([a.expand(size) for a, size in zip(alpha.float(), split_sizes)])  # (M,)
         pre, post, z_res = activate_coefficients(zlin * scale + bias.float(), split_sizes, pre_eps)
         ctx.save_for_backward(streams, phi, scale, pre, post, zlin, rstd)
@@ -118,7 +131,7 @@ class HyperConnectionRead(torch.autograd.Function):
         streams, phi, scale, pre, post, zlin, rstd = ctx.saved_tensors
         x = streams.float()  # (…, n, C); a view for float32 streams
         grad_u = grad_u.float()
-        grad_pre = torch.matmul(x, grad_u.unsqueeze(-1)).squeeze(-1)  # (…, n): the collapse's ∂pre
+        grad_pre = row_dot(grad_u, x)  # (…, n): the collapse's ∂pre
         sig_pre, sig_post = pre - ctx.pre_eps, post / 2
         grad_z = torch.cat([grad_pre * sig_pre * (1 - sig_pre), grad_post * post * (1 - sig_post), grad_res], dim=-1)
         lead = tuple(range(grad_z.dim() - 1))
@@ -127,9 +140,10 @@ class HyperConnectionRead(torch.autograd.Function):
         grad_zlin = grad_z * scale  # (…, M)
         g = grad_zlin * rstd
         kappa = (grad_zlin * zlin).sum(-1, keepdim=True) * rstd.square() / x.shape[-1] / x.shape[-2]  # (…, 1)
-        grad_x = torch.matmul(g, phi.float()).view_as(x)  # (…, n, C)
-        grad_x.addcmul_(x, -kappa.unsqueeze(-1)).addcmul_(pre.unsqueeze(-1), grad_u.unsqueeze(-2))
-        grad_phi = g.reshape(-1, g.shape[-1]).T @ x.reshape(g.shape[:-1].numel(), -1)  # (M, K)
+        grad_x = torch.mul(x, -kappa.unsqueeze(-1)).addcmul_(pre.unsqueeze(-1), grad_u.unsqueeze(-2))  # (…, n, C)
+        g, x_flat = g.reshape(-1, g.shape[-1]), x.reshape(g.shape[:-1].numel(), -1)  # (N, M), (N, K)
+        grad_x.view_as(x_flat).addmm_(g, phi.float())  # + g Φ
+        grad_phi = g.T @ x_flat  # (M, K)
         return grad_x.to(streams.dtype), grad_phi, grad_alpha, grad_bias, None, None, None
 
 
@@ -151,7 +165,7 @@ class StreamUpdate(torch.autograd.Function):
         grad_out = grad_out.to(dtype)
         grad_streams = torch.matmul(mixer.to(dtype), grad_out)  # (…, n, C)
         grad_mixer = torch.matmul(streams, grad_out.transpose(-1, -2)).float().sum_to_size(mixer.shape)
-        grad_post = torch.matmul(grad_out, branch.unsqueeze(-1)).squeeze(-1).float().sum_to_size(post.shape)
+        grad_post = row_dot(branch, grad_out).float().sum_to_size(post.shape)
         grad_branch = torch.matmul(post.to(dtype).unsqueeze(-2), grad_out).squeeze(-2).sum_to_size(branch.shape)
         return grad_streams, grad_mixer.to(mixer.dtype), grad_post.to(post.dtype), grad_branch
 
@@ -263,13 +277,13 @@ class HyperConnection(nn.Module):
         if ops is not None and isinstance(mixer, SinkhornMixer) and mixer.backward == "implicit" and mixer.eps == 0:
             return ops.sinkhorn(z_res.unflatten(-1, (n, n)), mixer.iters, mixer.newton_steps, kernel_backend="triton")
         if ops is not None and isinstance(mixer, StiefelMixer) and mixer.method == "iterative":
-            skew = skew_from_logits(z_res, mixer.skew_index, n)
+            skew = skew_from_logits(z_res, mixer.skew_basis, n)
             return ops.cayley(skew, mixer.iters, kernel_backend="triton")
         return mixer(z_res)
 
     def _read(self, streams: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         ops = _fused_ops(self.kernel_backend, streams)
-        if ops is None and self.phi is not None:  # the CPU path: coefficients and collapse in one Function
+        if ops is None and self.phi is not None and torch.is_grad_enabled():  # training on the torch path: one Function
             u, post, z_res = HyperConnectionRead.apply(streams, self.phi, self.alpha, self.bias, self.split_sizes,
                                                        self.pre_eps, self.norm_eps)  # fmt: skip
             return u, post, self._mix(z_res, None)
@@ -292,13 +306,68 @@ class HyperConnection(nn.Module):
         ops = _fused_ops(self.kernel_backend, streams)
         if ops is not None:
             return ops.update_streams(streams, mixer, post, branch, kernel_backend="triton")
-        return StreamUpdate.apply(streams, mixer, post, branch)
+        if torch.is_grad_enabled():
+            return StreamUpdate.apply(streams, mixer, post, branch)
+        return update_streams(streams, mixer, post, branch)  # inference: the same forward, no autograd bookkeeping
+
+    def recomputable_write(self, streams, branch, post, mixer, *, enabled: bool = True):
+        """``with hc.recomputable_write(X, f, post, H) as X':`` — X' = ``write(X, f, post, H)``; with ``recompute``
+        autograd inside the block keeps the write's inputs instead of X' (``RecomputedStreams``)."""
+        out = self.write(streams, branch, post, mixer)
+        if not (enabled and self.recompute and torch.is_grad_enabled()) or torch.compiler.is_compiling():
+            return contextlib.nullcontext(out)  # compiled, the partitioner chooses what to save
+        return RecomputedStreams(lambda: self.write(streams, branch, post, mixer), out)
 
     def extra_repr(self) -> str:
         return (
             f"num_streams={self.num_streams}, home_stream={self.home_stream}, dynamic={self.phi is not None}, "
             f"kernel_backend={self.kernel_backend!r}, recompute={self.recompute}"
         )
+
+
+class RecomputedStreams(torch.autograd.graph.saved_tensors_hooks):
+    """``with RecomputedStreams(rebuild, X) as X:`` — autograd inside the block stores ``rebuild`` instead of X.
+
+    mHC's recomputation between a layer's two sites: X_mid = Hᵀ X + post ⊗ f is n·C wide per token, and the
+    MLP site's read and write would both save it for their backward. Inside the block every saved reference to
+    X_mid (or to a view of it) is kept as its geometry only; the backward rebuilds X_mid once, from the attention
+    write's inputs (which that write's own backward keeps anyway), and frees it after its last use. Per layer the
+    streams are then stored once, as the layer's input. Every other saved tensor goes to the enclosing
+    saved-tensor hooks if there are any (a memory counter, say), else is kept as usual.
+    """
+
+    def __init__(self, rebuild, streams: torch.Tensor):
+        # the hooks this context shadows, read the way torch's aot_autograd reads them
+        outer = torch._C._autograd._top_saved_tensors_default_hooks(False)
+        self._outer_pack, self._outer_unpack = outer if outer is not None else (None, None)
+        self._rebuild, self._streams, self._rebuilt, self._pending = rebuild, streams, None, 0
+        self._key = (streams.device, streams.untyped_storage().data_ptr())
+        super().__init__(self._pack, self._unpack)
+
+    def __enter__(self) -> torch.Tensor:
+        super().__enter__()
+        streams, self._streams = self._streams, None  # no reference from here on: X_mid dies with the forward
+        return streams
+
+    def _pack(self, tensor: torch.Tensor):
+        if (tensor.device, tensor.untyped_storage().data_ptr()) == self._key:
+            self._pending += 1
+            return "rebuild", (tensor.size(), tensor.stride(), tensor.storage_offset())
+        return ("outer", self._outer_pack(tensor)) if self._outer_pack is not None else tensor
+
+    def _unpack(self, packed) -> torch.Tensor:
+        if isinstance(packed, torch.Tensor):
+            return packed
+        kind, value = packed
+        if kind == "outer":
+            return self._outer_unpack(value)
+        if self._rebuilt is None:
+            self._rebuilt = self._rebuild()
+        view = self._rebuilt.as_strided(*value)
+        self._pending -= 1
+        if self._pending <= 0:
+            self._rebuilt = None
+        return view
 
 
 class StreamCollapse(nn.Module):

@@ -36,11 +36,19 @@ def helmert_basis(n: int) -> torch.Tensor:
     return basis
 
 
-def skew_from_logits(theta: torch.Tensor, index: torch.Tensor, m: int) -> torch.Tensor:
-    """Skew-symmetric A (…, m, m) whose strict upper triangle at ``index`` (2, k) holds θ (…, k)."""
-    upper = theta.new_zeros(*theta.shape[:-1], m, m)
-    upper[..., index[0], index[1]] = theta
-    return upper - upper.transpose(-1, -2)
+def skew_basis(m: int) -> torch.Tensor:
+    """The basis E_ij − E_ji of the m×m skew-symmetric matrices, (i, j) the strict upper triangle in row-major
+    order, flattened: (m(m−1)/2, m·m)."""
+    index = torch.triu_indices(m, m, offset=1)
+    basis = torch.zeros(index.shape[1], m, m)
+    basis[torch.arange(index.shape[1]), index[0], index[1]] = 1.0
+    return (basis - basis.transpose(-1, -2)).flatten(1)
+
+
+def skew_from_logits(theta: torch.Tensor, basis: torch.Tensor, m: int) -> torch.Tensor:
+    """Skew-symmetric A = Σ_k θ_k (E_ij − E_ji)_k (…, m, m) from θ (…, k) and ``skew_basis(m)``: one matmul,
+    exact (every entry is a single ±θ_k)."""
+    return (theta @ basis.to(theta.dtype)).unflatten(-1, (m, m))
 
 
 def cayley(skew: torch.Tensor) -> torch.Tensor:
@@ -51,7 +59,8 @@ def cayley(skew: torch.Tensor) -> torch.Tensor:
     """
     a = skew.double() / 2
     eye = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
-    return torch.linalg.solve(eye - a, eye + a).to(skew.dtype)
+    # solve_ex: I − A/2 is never singular (eigenvalues 1 ± iλ/2), so skip solve's error check and its host sync
+    return torch.linalg.solve_ex(eye - a, eye + a).result.to(skew.dtype)
 
 
 def _logit(p: float) -> float:
@@ -134,20 +143,36 @@ class UnconstrainedMixer(Mixer):
 # ----------------------------------------------------------------------------------------------------
 
 
+def early_exit_tolerance(tensor: torch.Tensor) -> float | None:
+    """The row error below which the Sinkhorn rounds and Newton steps may stop (columns are exact after each
+    column normalisation): 8 ulp of 1 in the tensor's dtype (1e-6 in float32, 2e-15 in the float64 polish), i.e.
+    converged to float rounding. Only in eager mode on CPU, where reading the residual on the host is a cheap
+    sync — None (never stop early) under ``torch.compile``, on an accelerator, or while autograd records the
+    loop (the unrolled backward differentiates all ``iters`` rounds)."""
+    recording = tensor.requires_grad and torch.is_grad_enabled()
+    if tensor.device.type != "cpu" or torch.compiler.is_compiling() or recording:
+        return None
+    return 8 * torch.finfo(tensor.dtype).eps
+
+
 def sinkhorn_iterate(theta: torch.Tensor, iters: int, eps: float = 0.0, newton_steps: int = 0) -> torch.Tensor:
     """Sinkhorn–Knopp on exp(θ) (…, n, n): ``iters`` rounds of row then column normalisation.
 
     ``eps = 0`` runs in the log domain (stable for any |θ|), then polishes with ``newton_steps`` Newton
     steps on the log-scalings (``sinkhorn_newton``): plain SK converges only sublinearly when the target
     is near a permutation (row error ≈ 1e-1 after 20 rounds at |θ| ≤ 10), Newton reaches float precision.
+    On CPU in eager mode the rounds stop early once the row error is within ``early_exit_tolerance`` (checked
+    after the first round and every fourth), and so does the polish: decoding calls this per token and site.
     ``eps > 0`` is the probability-domain form of transformers' ``DeepseekV4HyperConnection``
     (softmax + eps, then ``P / (sum + eps)``), kept so that its checkpoints are reproduced exactly.
     """
     if eps == 0.0:
-        log_p = theta
-        for _ in range(iters):
-            log_p = log_p - log_p.logsumexp(-1, keepdim=True)
-            log_p = log_p - log_p.logsumexp(-2, keepdim=True)
+        log_p, tol = theta, early_exit_tolerance(theta)
+        for i in range(iters):
+            log_p = torch.log_softmax(log_p.mT, dim=-2).mT  # rows sum to 1 (as Pᵀ's columns: 2× faster on CPU)
+            log_p = torch.log_softmax(log_p, dim=-2)  # columns sum to 1
+            if tol is not None and i % 4 == 0 and (log_p.exp().sum(-1) - 1).abs().max() <= tol:
+                break
         if newton_steps:
             log_p = sinkhorn_newton(log_p, newton_steps)
         return log_p.exp()
@@ -159,36 +184,48 @@ def sinkhorn_iterate(theta: torch.Tensor, iters: int, eps: float = 0.0, newton_s
     return p
 
 
-def _scaling_system(p: torch.Tensor, row: torch.Tensor, col: torch.Tensor) -> torch.Tensor:
-    """[[diag(row), P], [Pᵀ, diag(col)]] + vvᵀ + 1e-9·I with v = (1, −1), in P's dtype (float64 here).
+def _scaling_system(p: torch.Tensor, row: torch.Tensor, col: torch.Tensor, regulariser: torch.Tensor) -> torch.Tensor:
+    """[[diag(row), P], [Pᵀ, diag(col)]] + vvᵀ + 1e-9·I with v = (1, −1) (``_scaling_regulariser``), in P's dtype.
 
     The matrix is the Jacobian of the scaling equations (row = P1, col = Pᵀ1) and, at the fixed point,
     the adjoint system of the implicit backward. It is singular along v, which changes neither the
     Newton step's effect nor the gradient; vvᵀ removes that null direction and the ridge keeps
     near-permutation P, whose extra null directions meet only zero entries of P, solvable.
     """
-    n = p.shape[-1]
     top = torch.cat([torch.diag_embed(row), p], dim=-1)
     bottom = torch.cat([p.transpose(-1, -2), torch.diag_embed(col)], dim=-1)
+    return torch.cat([top, bottom], dim=-2) + regulariser
+
+
+def _scaling_regulariser(p: torch.Tensor) -> torch.Tensor:
+    """vvᵀ + 1e-9·I (2n, 2n) with v = (1, −1), in P's dtype and device."""
+    n = p.shape[-1]
     v = torch.cat([torch.ones(n), -torch.ones(n)]).to(p)
-    return torch.cat([top, bottom], dim=-2) + torch.outer(v, v) + 1e-9 * torch.eye(2 * n).to(p)
+    return torch.outer(v, v) + 1e-9 * torch.eye(2 * n).to(p)
 
 
 def sinkhorn_newton(log_p: torch.Tensor, steps: int, max_step: float = 2.0) -> torch.Tensor:
     """Newton's method for log P + f1ᵀ + 1gᵀ with unit row and column sums, in float64.
 
     Each step solves the scaling Jacobian for (f, g); steps are clipped to ±``max_step`` (damping far from
-    the solution, e.g. at |θ| ~ 1e4) and each ends with an exact column normalisation.
+    the solution, e.g. at |θ| ~ 1e4) and each ends with an exact column normalisation. On CPU in eager mode
+    the polish stops once the row error is within ``early_exit_tolerance`` (float64 rounding).
     """
     log_p64 = log_p.double()
+    tol = early_exit_tolerance(log_p64)
+    regulariser = _scaling_regulariser(log_p64)
     for _ in range(steps):
         p = log_p64.exp()
         row, col = p.sum(-1), p.sum(-2)
+        if tol is not None and (row - 1).abs().max() <= tol:
+            break
         residual = torch.cat([row - 1, col - 1], dim=-1).unsqueeze(-1)
-        step = torch.linalg.solve(_scaling_system(p, row, col), -residual).squeeze(-1).clamp(-max_step, max_step)
+        # solve_ex: the regularised system is always solvable; no error check, no host sync
+        step = torch.linalg.solve_ex(_scaling_system(p, row, col, regulariser), -residual).result
+        step = step.squeeze(-1).clamp(-max_step, max_step)
         n = p.shape[-1]
         log_p64 = log_p64 + step[..., :n, None] + step[..., None, n:]
-        log_p64 = log_p64 - log_p64.logsumexp(-2, keepdim=True)
+        log_p64 = torch.log_softmax(log_p64, dim=-2)
     return log_p64.to(log_p.dtype)
 
 
@@ -223,7 +260,7 @@ def sinkhorn_implicit_grad(p: torch.Tensor, grad_p: torch.Tensor) -> torch.Tenso
     gp = g64 * p64
     rhs = torch.cat([gp.sum(-1), gp.sum(-2)], dim=-1).unsqueeze(-1)  # (…, 2n, 1)
     ones = torch.ones(p.shape[:-1], dtype=torch.float64, device=p.device)
-    ab = torch.linalg.solve(_scaling_system(p64, ones, ones), rhs).squeeze(-1)
+    ab = torch.linalg.solve_ex(_scaling_system(p64, ones, ones, _scaling_regulariser(p64)), rhs).result.squeeze(-1)
     a, b = ab[..., :n], ab[..., n:]
     return (p64 * (g64 - a.unsqueeze(-1) - b.unsqueeze(-2))).to(p.dtype)
 
@@ -251,7 +288,7 @@ class SinkhornMixer(Mixer):
     def forward(self, theta: torch.Tensor) -> torch.Tensor:
         n = self.num_streams
         theta = theta.unflatten(-1, (n, n))
-        if self.backward == "implicit":
+        if self.backward == "implicit" and torch.is_grad_enabled():
             return SinkhornImplicitFunction.apply(theta, self.iters, self.eps, self.newton_steps)
         return sinkhorn_iterate(theta, self.iters, self.eps, self.newton_steps)
 
@@ -291,25 +328,30 @@ class PermutationMixer(Mixer):
 
 
 class KroneckerMixer(Mixer):
-    """H = U_1 ⊗ … ⊗ U_K with U_k = [[p, 1−p], [1−p, p]], p = σ(θ_k) (KromHC): n = 2^K, exactly doubly stochastic."""
+    """H = U_1 ⊗ … ⊗ U_K with U_k = [[p, 1−p], [1−p, p]], p = σ(θ_k) (KromHC): n = 2^K, exactly doubly stochastic.
+
+    Entry by entry, H[s, t] = Π_k (p_k if s and t agree in bit k else 1 − p_k), bit 1 the most significant
+    (U_1 is the outermost factor): one ``where`` and one product, whatever K.
+    """
 
     name = "kronecker"
 
     def __init__(self, num_streams: int):
         super().__init__(num_streams)
         self.num_logits = int(math.log2(num_streams))
+        self.register_constant_buffers()
+
+    def constant_buffers(self) -> dict[str, torch.Tensor]:
+        bits = 1 << torch.arange(self.num_logits - 1, -1, -1)  # (K,), U_1's bit first
+        index = torch.arange(self.num_streams)
+        return {"same_bit": (index[:, None, None] & bits) == (index[None, :, None] & bits)}  # (n, n, K)
 
     def init_logits(self) -> torch.Tensor:
         return torch.full((self.num_logits,), IDENTITY_LOGIT)
 
     def forward(self, theta: torch.Tensor) -> torch.Tensor:
-        p = torch.sigmoid(theta)
-        h = theta.new_ones(*theta.shape[:-1], 1, 1)
-        for k in range(self.num_logits):
-            pk, qk = p[..., k, None, None], 1 - p[..., k, None, None]
-            factor = torch.cat([torch.cat([pk, qk], -1), torch.cat([qk, pk], -1)], -2)  # (…, 2, 2)
-            h = (h[..., :, None, :, None] * factor[..., None, :, None, :]).flatten(-4, -3).flatten(-2, -1)
-        return h
+        p = torch.sigmoid(theta)[..., None, None, :]  # (…, 1, 1, K)
+        return torch.where(self.same_bit, p, 1 - p).prod(-1)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -334,7 +376,7 @@ class SpectralMixer(Mixer):
 
     def constant_buffers(self) -> dict[str, torch.Tensor]:
         m = self.num_streams - 1
-        return {"helmert": helmert_basis(self.num_streams).float(), "skew_index": torch.triu_indices(m, m, offset=1)}
+        return {"helmert": helmert_basis(self.num_streams).float(), "skew_basis": skew_basis(m)}
 
     def init_logits(self) -> torch.Tensor:
         logits = torch.zeros(self.num_logits)
@@ -343,8 +385,8 @@ class SpectralMixer(Mixer):
 
     def forward(self, theta: torch.Tensor) -> torch.Tensor:
         m, k = self.num_streams - 1, self.num_skew
-        u = cayley(skew_from_logits(theta[..., :k], self.skew_index, m))
-        v = cayley(skew_from_logits(theta[..., k : 2 * k], self.skew_index, m))
+        u = cayley(skew_from_logits(theta[..., :k], self.skew_basis, m))
+        v = cayley(skew_from_logits(theta[..., k : 2 * k], self.skew_basis, m))
         s = torch.tanh(theta[..., 2 * k :])
         core = (u * s.unsqueeze(-2)) @ v.transpose(-1, -2)  # (…, m, m)
         basis = self.helmert.to(theta.dtype)
@@ -440,10 +482,10 @@ class StiefelMixer(Mixer):
         self.register_constant_buffers()
 
     def constant_buffers(self) -> dict[str, torch.Tensor]:
-        return {"skew_index": torch.triu_indices(self.num_streams, self.num_streams, offset=1)}
+        return {"skew_basis": skew_basis(self.num_streams)}
 
     def forward(self, theta: torch.Tensor) -> torch.Tensor:
-        skew = skew_from_logits(theta, self.skew_index, self.num_streams)
+        skew = skew_from_logits(theta, self.skew_basis, self.num_streams)
         if self.method == "iterative":
             return CayleyIterativeFunction.apply(skew, self.iters)
         return cayley(skew)
@@ -479,7 +521,7 @@ class GrassmannMixer(Mixer):
         return {
             "helmert": helmert_basis(self.num_streams).float(),
             "chart_index": chart_index,  # the lower-left block of B
-            "rotation_index": torch.triu_indices(p, p, offset=1),
+            "rotation_basis": skew_basis(p),
         }
 
     def forward(self, theta: torch.Tensor) -> torch.Tensor:
@@ -488,7 +530,7 @@ class GrassmannMixer(Mixer):
         chart[..., self.chart_index[0], self.chart_index[1]] = theta[..., : self.num_chart]
         frame = cayley(chart - chart.transpose(-1, -2))[..., :p]  # (…, m, p), orthonormal columns
         q = self.helmert.to(theta.dtype) @ frame  # (…, n, p) ⊂ 1⊥
-        r = cayley(skew_from_logits(theta[..., self.num_chart :], self.rotation_index, p))
+        r = cayley(skew_from_logits(theta[..., self.num_chart :], self.rotation_basis, p))
         mean = torch.full((n, n), 1.0 / n, dtype=theta.dtype, device=theta.device)
         return mean + q @ r @ q.transpose(-1, -2)
 

@@ -87,10 +87,12 @@ class JPmHCDecoderLayer(GradientCheckpointingLayer):
             position_embeddings=position_embeddings,
             **kwargs,
         )
-        hidden_states = self.attn_hc.write(hidden_states, attn_output, post, mix)
-
-        u, post, mix = self.mlp_hc.read(hidden_states)
-        return self.mlp_hc.write(hidden_states, self.mlp(self.post_attention_layernorm(u)), post, mix)
+        # hc_recompute: the MLP site's backward rebuilds these mid-layer streams instead of storing them (a layer
+        # already under gradient checkpointing stores neither)
+        checkpointed = self.gradient_checkpointing and self.training
+        with self.attn_hc.recomputable_write(hidden_states, attn_output, post, mix, enabled=not checkpointed) as hidden_states:
+            u, post, mix = self.mlp_hc.read(hidden_states)
+            return self.mlp_hc.write(hidden_states, self.mlp(self.post_attention_layernorm(u)), post, mix)
 
 
 class JPmHCPreTrainedModel(PreTrainedModel):

@@ -48,11 +48,12 @@ class JPmHCViTLayer(GradientCheckpointingLayer):
     ) -> torch.Tensor:
         u, post, mix = self.attn_hc.read(hidden_states)  # (B, T, C)
         attn_output, _ = self.attention(self.layernorm_before(u), attention_mask, **kwargs)
-        hidden_states = self.attn_hc.write(hidden_states, self.dropout(attn_output), post, mix)
-
-        u, post, mix = self.mlp_hc.read(hidden_states)
-        mlp_output = self.dropout(self.mlp(self.layernorm_after(u)))
-        return self.mlp_hc.write(hidden_states, mlp_output, post, mix)
+        checkpointed = self.gradient_checkpointing and self.training  # hc_recompute: see JPmHCDecoderLayer
+        with self.attn_hc.recomputable_write(hidden_states, self.dropout(attn_output), post, mix,
+                                             enabled=not checkpointed) as hidden_states:  # fmt: skip
+            u, post, mix = self.mlp_hc.read(hidden_states)
+            mlp_output = self.dropout(self.mlp(self.layernorm_after(u)))
+            return self.mlp_hc.write(hidden_states, mlp_output, post, mix)
 
 
 class JPmHCViTPreTrainedModel(ViTPreTrainedModel, JPmHCPreTrainedModel):
