@@ -106,7 +106,7 @@ def _ensemble_spectrum(args: argparse.Namespace) -> None:
     gain = DEFAULT_BRANCH_GAIN if args.gain is None else args.gain
     rows, panels = [], []
     for mixer in [m.strip() for m in args.mixer.split(",") if m.strip()]:
-        ensemble = RandomHyperConnectionEnsemble(mixer, args.streams, args.depth, args.hidden, gain)
+        ensemble = RandomHyperConnectionEnsemble(mixer, args.streams, args.depth, args.hidden, branch_gain=gain)
         ensemble.logit_std = _logit_std(args.logit_std, ensemble.mixer)
         generator = torch.Generator().manual_seed(args.seed)
         values, cond_m1, cond_m2 = [], [], []
@@ -155,7 +155,7 @@ def _lm_ensemble_spectrum(args: argparse.Namespace) -> None:
         raise ValueError(f"--samples must be >= 1, got {args.samples}")
     rows, panels = [], []
     for mixer in [m.strip() for m in args.mixer.split(",") if m.strip()]:
-        ensemble = RandomJPmHCEnsemble(mixer, args.streams, args.depth, args.hidden, args.tokens)
+        ensemble = RandomJPmHCEnsemble(mixer, args.streams, args.depth, args.hidden, num_tokens=args.tokens)
         ensemble.logit_std = _logit_std(args.logit_std, ensemble.mixer)
         generator = torch.Generator().manual_seed(args.seed)
         values, predicted, first = [], [], None

@@ -34,26 +34,48 @@ DEFAULT_BRANCH_GAIN = 0.1
 
 
 @dataclass
-class RandomHyperConnectionEnsemble:
-    """mixer, n, depth L (decoder layers, 2L sites), hidden size C, branch gain g, mixer-logit scale s."""
+class RandomMixerEnsemble:
+    """What both ensembles share: mixer, n, depth L (decoder layers, 2L sites), hidden size C, mixer-logit scale s."""
 
     mixer: str
     num_streams: int = 4
     depth: int = 8
     hidden_size: int = 64
-    branch_gain: float = DEFAULT_BRANCH_GAIN
     logit_std: float | None = 1.0
     grassmann_rank: int | None = None
 
+    positive_fields = ("num_streams", "depth", "hidden_size")  # not a dataclass field: no annotation
+
     def __post_init__(self):
-        for field in ("num_streams", "depth", "hidden_size"):
+        for field in self.positive_fields:
             value = getattr(self, field)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{field} must be a positive integer, got {value!r}")
-        if not self.branch_gain >= 0:
-            raise ValueError(f"branch_gain must be >= 0, got {self.branch_gain}")
         if self.logit_std is not None and not self.logit_std >= 0:
             raise ValueError(f"logit_std must be >= 0 or None (mixers at their init), got {self.logit_std}")
+
+    @classmethod
+    def with_default_scale(cls, mixer: str, **kwargs):
+        """The ensemble with this mixer's default logit scale (``DEFAULT_LOGIT_STD``, else 1)."""
+        ensemble = cls(mixer, **kwargs)
+        ensemble.logit_std = DEFAULT_LOGIT_STD.get(ensemble.mixer, 1.0)
+        return ensemble
+
+    @property
+    def num_sites(self) -> int:
+        return 2 * self.depth
+
+
+@dataclass
+class RandomHyperConnectionEnsemble(RandomMixerEnsemble):
+    """Stacks of static hyper-connections with Gaussian linear branches of gain g (``HyperConnectedLinearStack``)."""
+
+    branch_gain: float = DEFAULT_BRANCH_GAIN
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not self.branch_gain >= 0:
+            raise ValueError(f"branch_gain must be >= 0, got {self.branch_gain}")
         self.config = JPmHCConfig(
             vocab_size=8,
             hidden_size=self.hidden_size,
@@ -67,17 +89,6 @@ class RandomHyperConnectionEnsemble:
             dynamic=False,
         )
         self.mixer = self.config.mixer  # canonical name
-
-    @classmethod
-    def with_default_scale(cls, mixer: str, **kwargs) -> RandomHyperConnectionEnsemble:
-        """The ensemble with this mixer's default logit scale (``DEFAULT_LOGIT_STD``, else 1)."""
-        ensemble = cls(mixer, **kwargs)
-        ensemble.logit_std = DEFAULT_LOGIT_STD.get(ensemble.mixer, 1.0)
-        return ensemble
-
-    @property
-    def num_sites(self) -> int:
-        return 2 * self.depth
 
     def sample_sites(self, generator: torch.Generator) -> nn.ModuleList:
         """2L static hyper-connections at init, with random mixer logits if ``logit_std`` is set."""
@@ -121,7 +132,7 @@ def randomize_mixer_logits(sites, logit_std: float | None, generator: torch.Gene
 
 
 @dataclass
-class RandomJPmHCEnsemble:
+class RandomJPmHCEnsemble(RandomMixerEnsemble):
     """Randomly initialised JPmHC language models: the same random mixers, with real branches.
 
     One model: ``JPmHCModel`` (Llama attention with GQA + SwiGLU MLP, pre-RMSNorm, dynamic hyper-connections)
@@ -131,23 +142,14 @@ class RandomJPmHCEnsemble:
     Φ stays 0, so the coefficients still do not depend on the streams.
     """
 
-    mixer: str
-    num_streams: int = 4
-    depth: int = 8
-    hidden_size: int = 64
     num_tokens: int = 2
-    logit_std: float | None = 1.0
-    grassmann_rank: int | None = None
+
+    positive_fields = (*RandomMixerEnsemble.positive_fields, "num_tokens")
 
     def __post_init__(self):
-        for field in ("num_streams", "depth", "hidden_size", "num_tokens"):
-            value = getattr(self, field)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{field} must be a positive integer, got {value!r}")
+        super().__post_init__()
         if self.hidden_size % 16:
             raise ValueError(f"hidden_size must be a multiple of 16 (4 heads of width ≥ 4), got {self.hidden_size}")
-        if self.logit_std is not None and not self.logit_std >= 0:
-            raise ValueError(f"logit_std must be >= 0 or None (mixers at their init), got {self.logit_std}")
         self.config = JPmHCConfig(
             vocab_size=128,
             hidden_size=self.hidden_size,
@@ -162,17 +164,6 @@ class RandomJPmHCEnsemble:
             attn_implementation="eager",  # the mask is an explicit tensor: batching Jacobian rows cannot change it
         )
         self.mixer = self.config.mixer
-
-    @classmethod
-    def with_default_scale(cls, mixer: str, **kwargs) -> RandomJPmHCEnsemble:
-        """The ensemble with this mixer's default logit scale (``DEFAULT_LOGIT_STD``, else 1)."""
-        ensemble = cls(mixer, **kwargs)
-        ensemble.logit_std = DEFAULT_LOGIT_STD.get(ensemble.mixer, 1.0)
-        return ensemble
-
-    @property
-    def num_sites(self) -> int:
-        return 2 * self.depth
 
     def sample_model(self, generator: torch.Generator) -> tuple[JPmHCModel, torch.Tensor]:
         """One randomly initialised LM (eval mode, float64) and its input ids (T,)."""
