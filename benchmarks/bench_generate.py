@@ -47,11 +47,14 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
                         help="intra-op threads; 1 avoids OpenMP barrier stalls on an oversubscribed machine")  # fmt: skip
     parser.add_argument("--compile", action="store_true", help="static cache + compiled decoding, every model alike")
+    parser.add_argument("--backends", nargs="+", default=["torch", "compiled"], help="JPmHC kernel_backend values")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     runs = {"llama": generate_fn(llama(), args.new_tokens, args.compile)}
     for mixer in ("stiefel", "sinkhorn", "kronecker"):
-        runs[f"jpmhc n=4 {mixer}"] = generate_fn(jpmhc(mixer), args.new_tokens, args.compile)
+        for backend in args.backends:
+            runs[f"jpmhc n=4 {mixer} {backend}"] = generate_fn(jpmhc(mixer, kernel_backend=backend), args.new_tokens,
+                                                               args.compile)  # fmt: skip
     medians = interleaved_medians(runs, args.repeats)
     print_table(f"greedy generation, KV cache, batch 1, prompt 32, {args.new_tokens} new tokens, "
                 f"compile={args.compile}, {args.repeats} interleaved rounds", medians, "llama", target="target: ratio ≤ 1.15×")  # fmt: skip

@@ -4,7 +4,12 @@ Same Llama shape (≈21M parameters: hidden 512, 6 layers, vocab 4096), sequence
 The models run interleaved (one step of each per round) so that load on a shared machine hits all alike;
 the table reports the median step time and its ratio to Llama. Target (issue 5): ≤ 1.10×.
 
-    python benchmarks/bench_train_step.py [--repeats 4] [--mixers stiefel sinkhorn kronecker] [--compile] [--threads 1]
+JPmHC runs with each ``--backends`` entry: ``torch`` (eager) and ``compiled`` (the CPU training path: the
+hyper-connections' per-token passes compiled by inductor, everything else eager; the warm-up step compiles).
+``--compile`` instead compiles every whole model, Llama included.
+
+    python benchmarks/bench_train_step.py [--repeats 4] [--mixers stiefel sinkhorn kronecker]
+        [--backends torch compiled] [--compile] [--threads 1]
 """
 
 from __future__ import annotations
@@ -81,6 +86,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=4)
     parser.add_argument("--mixers", nargs="+", default=["stiefel", "sinkhorn", "kronecker"])
+    parser.add_argument("--backends", nargs="+", default=["torch", "compiled"], help="JPmHC kernel_backend values")
     parser.add_argument("--compile", action="store_true", help="torch.compile every model (same for Llama)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
                         help="intra-op threads; 1 avoids OpenMP barrier stalls on an oversubscribed machine")  # fmt: skip
@@ -88,7 +94,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     steps = {"llama": train_step_fn(llama(), args.compile)}
     for mixer in args.mixers:
-        steps[f"jpmhc n=4 {mixer}"] = train_step_fn(jpmhc(mixer), args.compile)
+        for backend in args.backends:
+            steps[f"jpmhc n=4 {mixer} {backend}"] = train_step_fn(jpmhc(mixer, kernel_backend=backend), args.compile)
     n_params = sum(p.numel() for p in llama().parameters())
     medians = interleaved_medians(steps, args.repeats)
     print_table(f"train step (fwd+bwd+AdamW), {n_params / 1e6:.1f}M-param Llama shape, batch {BATCH}, seq {SEQ}, "

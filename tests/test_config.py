@@ -77,7 +77,7 @@ INVALID = {
         ({"hc_collapse": "sum"}, r"hc_collapse must be one of 'learned', 'mean', got 'sum'"),
     ],
     "kernel_backend": [
-        ({"kernel_backend": "cuda"}, r"kernel_backend must be one of 'auto', 'torch', 'triton', got 'cuda'"),
+        ({"kernel_backend": "cuda"}, r"kernel_backend must be one of 'auto', 'torch', 'triton', 'compiled', got 'cuda'"),
     ],
     "hc_recompute": [
         ({"hc_recompute": "true"}, r"hc_recompute must be True or False, got 'true'"),

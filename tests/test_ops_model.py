@@ -133,8 +133,10 @@ def test_hyper_connection_rejects_unknown_backend():
         HyperConnection(8, build_mixer("stiefel", 2), kernel_backend="cuda")
 
 
-def test_cpu_path_backwards_match_autograd_of_the_references():
-    """HyperConnectionRead / StreamUpdate (hand-written backwards) equal autograd through the reference ops."""
+@pytest.mark.parametrize("use_compiled", [False, True], ids=["eager", "compiled"])
+def test_cpu_path_backwards_match_autograd_of_the_references(use_compiled):
+    """HyperConnectionRead / StreamUpdate (hand-written backwards) equal autograd through the reference ops,
+    eager and with their per-token passes compiled by inductor (kernel_backend="compiled")."""
     from hf_jpmhc.models.hyper_connection import (
         HyperConnectionRead,
         StreamUpdate,
@@ -151,11 +153,14 @@ def test_cpu_path_backwards_match_autograd_of_the_references():
         return collapse_streams(x, pre), post, z_res
 
     def fused(x, phi, alpha, bias):
-        return HyperConnectionRead.apply(x, phi, alpha, bias, split, 0.01, 1e-6)
+        return HyperConnectionRead.apply(x, phi, alpha, bias, split, 0.01, 1e-6, use_compiled)
+
+    def update(x, mixer, post, branch):
+        return StreamUpdate.apply(x, mixer, post, branch, use_compiled)
 
     # the static (n,) post and (n, n) mixer broadcast over tokens: their gradients sum over them
     update_inputs = [torch.randn(2, 3, 4, 5), torch.randn(4, 4), torch.rand(4), torch.randn(2, 3, 5)]
-    for fn_ref, fn_new, xs in [(reference, fused, inputs), (update_streams, StreamUpdate.apply, update_inputs)]:
+    for fn_ref, fn_new, xs in [(reference, fused, inputs), (update_streams, update, update_inputs)]:
         results = []
         for fn in (fn_ref, fn_new):
             leaves = [x.clone().requires_grad_(True) for x in xs]
@@ -175,3 +180,31 @@ def test_compiled_stream_update_matches_eager():
     post, branch = torch.rand(2, 3, 4), torch.randn(2, 3, 8)
     compiled = torch.compile(update_streams, backend="aot_eager", fullgraph=True)
     torch.testing.assert_close(compiled(streams, mixer, post, branch), update_streams(streams, mixer, post, branch))
+
+
+@pytest.mark.parametrize(("mixer", "options"), [("stiefel", {}), ("sinkhorn", {}), ("kronecker", {}),
+                                                ("sinkhorn", {"hc_recompute": True}), ("stiefel", {"dynamic": False})])
+def test_compiled_backend_matches_torch_in_the_model(mixer, options):
+    """kernel_backend="compiled" (inductor-compiled per-token passes) trains like the eager torch path."""
+    ids = torch.randint(3, 128, (2, 12))
+    reference = _perturbed_model(mixer=mixer, kernel_backend="torch", **options)
+    _assert_same_run(reference, _perturbed_model(mixer=mixer, kernel_backend="compiled", **options), ids)
+
+
+def test_compiled_small_solve_matches_lapack():
+    """Under torch.compile, solve_small eliminates without pivoting; on the mixers' systems (symmetric part
+    positive definite) it agrees with LAPACK, and the Cayley transform stays orthogonal at |θ| ~ 1e3."""
+    from hf_jpmhc.models.mixers import _scaling_regulariser, _scaling_system, cayley, solve_small
+
+    generator = torch.Generator().manual_seed(0)
+    p = torch.softmax(3 * torch.randn(5, 4, 4, generator=generator, dtype=torch.float64), dim=-1)
+    system = _scaling_system(p, p.sum(-1), p.sum(-2), _scaling_regulariser(p))
+    rhs = torch.randn(5, 8, 2, generator=generator, dtype=torch.float64)
+    skew = torch.randn(5, 4, 4, generator=generator, dtype=torch.float64) * 1e3
+    skew = skew - skew.mT
+    compiled_solve = torch.compile(solve_small, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled_solve(system, rhs), torch.linalg.solve(system, rhs), rtol=1e-9, atol=1e-9)
+    eye = torch.eye(4, dtype=torch.float64)
+    torch.testing.assert_close(compiled_solve(eye - skew / 2, eye + skew / 2), cayley(skew), rtol=1e-8, atol=1e-8)
+    q = torch.compile(cayley, backend="aot_eager", fullgraph=True)(skew.float())
+    torch.testing.assert_close(q @ q.mT, torch.eye(4).expand_as(q), atol=1e-5, rtol=0)

@@ -180,7 +180,9 @@ def test_unknown_yaml_key_and_preset_are_refused(tmp_path):
 
 
 def test_presets_build_with_mixer_overrides():
-    config = pretrain.parse_config(["--config", str(REPO / "training/configs/demo.yaml"), "--mixer", "mhc", "--num_streams", "2"])
+    config = pretrain.parse_config(["--config", str(REPO / "training/configs/demo.yaml"), "--mixer", "mhc", "--num_streams", "2",
+                                    "--kernel_backend", "compiled"])  # fmt: skip
     model_config = pretrain.model_config_from(config, 257, byte_tokenizer())
     assert (model_config.mixer, model_config.num_streams, model_config.vocab_size) == ("sinkhorn", 2, 257)
+    assert model_config.kernel_backend == "compiled"
     assert config.output_dir == "runs/demo" and config.tokenizer == "smollm2"

@@ -63,6 +63,8 @@ class PretrainConfig:
     init_from: str | None = field(default=None, metadata={"help": "JPmHC or Llama checkpoint directory to start from"})
     mixer: str | None = field(default=None, metadata={"help": "override the preset's mixer"})
     num_streams: int | None = field(default=None, metadata={"help": "override the preset's number of streams"})
+    kernel_backend: str | None = field(default=None, metadata={
+        "help": "override the preset's kernel_backend: auto, torch, triton, or compiled (the fast CPU training path)"})
     # data
     dataset: str = field(default="shakespeare", metadata={"help": "'shakespeare' (offline), a local path or a Hub dataset"})
     dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset configuration name"})
@@ -117,12 +119,17 @@ def model_config_from(config: PretrainConfig, vocab_size: int, tokenizer) -> JPm
     values.pop("model_type", None)
     values.update(vocab_size=vocab_size, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                   pad_token_id=tokenizer.pad_token_id)  # fmt: skip
-    values.update(_hc_overrides(config))
+    values.update(_hc_overrides(config), **_runtime_overrides(config))
     return JPmHCConfig(**values)
 
 
 def _hc_overrides(config: PretrainConfig) -> dict:
     return {k: v for k, v in (("mixer", config.mixer), ("num_streams", config.num_streams)) if v is not None}
+
+
+def _runtime_overrides(config: PretrainConfig) -> dict:
+    """Config fields that change how the model runs, not its function: allowed on any checkpoint."""
+    return {"kernel_backend": config.kernel_backend} if config.kernel_backend is not None else {}
 
 
 def build_model(config: PretrainConfig, tokenizer) -> tuple[JPmHCForCausalLM, str | None]:
@@ -135,11 +142,13 @@ def build_model(config: PretrainConfig, tokenizer) -> tuple[JPmHCForCausalLM, st
         changed = {k: v for k, v in overrides.items() if getattr(source, k) != v}
         if changed:
             raise ValueError(f"init_from={config.init_from!r} is a JPmHC checkpoint; it cannot change {changed}")
-        return JPmHCForCausalLM.from_pretrained(config.init_from, dtype=torch.float32), config.init_from
+        model = JPmHCForCausalLM.from_pretrained(config.init_from, dtype=torch.float32, **_runtime_overrides(config))
+        return model, config.init_from
     if source.model_type == "llama":
         from hf_jpmhc.conversion.llama import convert_llama
 
-        model = convert_llama(config.init_from, num_streams=config.num_streams or 4, mixer=config.mixer or "stiefel")
+        model = convert_llama(config.init_from, num_streams=config.num_streams or 4, mixer=config.mixer or "stiefel",
+                              **_runtime_overrides(config))  # fmt: skip
         return model.float(), config.init_from
     raise ValueError(f"init_from={config.init_from!r} has model_type={source.model_type!r}; expected 'jpmhc' or 'llama'")
 

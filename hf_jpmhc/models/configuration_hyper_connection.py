@@ -7,7 +7,8 @@ from dataclasses import dataclass
 
 from .mixers import SinkhornMixer, StiefelMixer, validate_mixer
 
-KERNEL_BACKENDS = ("auto", "torch", "triton")
+KERNEL_BACKENDS = ("auto", "torch", "triton")  # hf_jpmhc.ops
+HC_KERNEL_BACKENDS = (*KERNEL_BACKENDS, "compiled")  # models: "compiled" is the torch path with torch.compile'd passes
 COLLAPSES = ("learned", "mean")
 BOOLEAN_FIELDS = ("dynamic", "hc_recompute")
 INTEGER_MINIMUMS = {"num_streams": 1, "sinkhorn_iters": 1, "sinkhorn_newton_steps": 0, "cayley_iters": 1}
@@ -32,7 +33,9 @@ class HyperConnectionConfig:
     hc_alpha_init:         initial α_pre, α_post, α_res: small, so the dynamic part starts as a perturbation.
     hc_pre_eps:            added to the read weights, pre = σ(·) + eps (DeepSeek-V4 convention; 0 here).
     hc_collapse:           "learned" (σ head, DeepSeek-V4's HyperHead) or "mean" (fixed average of the streams).
-    kernel_backend:        "auto" (Triton on CUDA, torch elsewhere), "torch" or "triton".
+    kernel_backend:        "auto" (Triton on CUDA, torch elsewhere), "torch", "triton", or "compiled": the torch
+                           path with its per-token passes compiled by torch.compile — the fast CPU training path
+                           (needs a C++ compiler; the first steps compile, ≈ 1 min).
     hc_recompute:          recompute the coefficients, mixers and mid-layer streams in the backward: per layer the
                            streams are stored once, as its input (mHC's recomputation).
     """
@@ -76,7 +79,7 @@ class HyperConnectionConfig:
         check_choice("sinkhorn_backward", self.sinkhorn_backward, SinkhornMixer.BACKWARDS)
         check_choice("cayley_method", self.cayley_method, StiefelMixer.METHODS)
         check_choice("hc_collapse", self.hc_collapse, COLLAPSES)
-        check_choice("kernel_backend", self.kernel_backend, KERNEL_BACKENDS)
+        check_choice("kernel_backend", self.kernel_backend, HC_KERNEL_BACKENDS)
         if self.sinkhorn_eps > 0 and self.sinkhorn_backward == "implicit":
             raise ValueError(
                 "sinkhorn_eps > 0 (DeepSeek-V4's probability-domain Sinkhorn) has no exact fixed point for the "

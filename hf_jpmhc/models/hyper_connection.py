@@ -7,12 +7,13 @@ X ∈ R^{B×T×n×C} are the residual streams; coefficients are always computed 
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .configuration_hyper_connection import KERNEL_BACKENDS, check_choice
+from .configuration_hyper_connection import HC_KERNEL_BACKENDS, check_choice
 from .mixers import Mixer, SinkhornMixer, StiefelMixer, _logit, skew_from_logits
 
 # How much of a branch's read weight sits on its home stream at initialisation (symmetry breaking):
@@ -70,15 +71,27 @@ def expand_streams(hidden: torch.Tensor, num_streams: int) -> torch.Tensor:
     return hidden.unsqueeze(-2).expand(*hidden.shape[:-1], num_streams, hidden.shape[-1])
 
 
+def token_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a b for every token's small matrices, (…, m, k), (…, k, p) → (…, m, p), one of m, k, p being n or 1.
+
+    Eager runs MKL's batched matmul. Under ``torch.compile`` (kernel_backend="compiled", or a compiled model)
+    it is broadcast-and-reduce, which inductor fuses with its neighbours into loops that read each nC-wide
+    tensor once — on CPU 1.3–3× faster than the batched matmul.
+    """
+    if torch.compiler.is_compiling():
+        return (a.unsqueeze(-1) * b.unsqueeze(-3)).sum(-2)
+    return torch.matmul(a, b)
+
+
 def collapse_streams(streams: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """u = Σ_i w_i X_i: (…, n, C), (…, n) → (…, C), accumulated in float32, returned in the streams' dtype."""
-    return torch.matmul(weights.float().unsqueeze(-2), streams.float()).squeeze(-2).to(streams.dtype)
+    return token_matmul(weights.float().unsqueeze(-2), streams.float()).squeeze(-2).to(streams.dtype)
 
 
 def row_dot(vector: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """(…, C), (…, n, C) → (…, n): each row's dot product with the vector, as the batched product vᵀ Xᵀ — on CPU
     3× faster than X v (MKL's batched matrix-vector kernel) and without the n·C-wide temporary of (X ⊙ v).sum(-1)."""
-    return torch.matmul(vector.unsqueeze(-2), rows.transpose(-1, -2)).squeeze(-2)
+    return token_matmul(vector.unsqueeze(-2), rows.transpose(-1, -2)).squeeze(-2)
 
 
 def update_streams(streams: torch.Tensor, mixer: torch.Tensor, post: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
@@ -87,16 +100,54 @@ def update_streams(streams: torch.Tensor, mixer: torch.Tensor, post: torch.Tenso
     Computed as X + (H − I)ᵀ X + post ⊗ f: the same sum, but the identity part of H is added exactly. Near
     H = I (every mixer at initialisation) this keeps the streams of a converted model within float rounding
     of the source's residual: on SmolLM2-135M with 60 sites, sinkhorn's logit error drops from 1.1e-4 to 3.9e-5.
-    Eager runs a batched matmul; under ``torch.compile`` the sum is written as broadcast-and-reduce, which
-    inductor fuses into one loop reading X and f once and writing X' once (benchmarks/bench_stream_update.py).
+    Compiled, inductor fuses it into one loop reading X and f once and writing X' once
+    (benchmarks/bench_stream_update.py).
     """
     eye = torch.eye(mixer.shape[-1], dtype=torch.float32, device=mixer.device)
     delta_t, post = mixer.float().transpose(-1, -2) - eye, post.float().unsqueeze(-1)  # (H − I)[t, s], (…, n, 1)
+    streams32 = streams.float()
     if torch.compiler.is_compiling():
-        out = streams + (delta_t.unsqueeze(-1) * streams.unsqueeze(-3)).sum(-2) + post * branch.unsqueeze(-2)
+        out = streams32 + token_matmul(delta_t, streams32) + post * branch.unsqueeze(-2)
     else:
-        out = torch.matmul(delta_t, streams.float()).add_(streams).addcmul_(post, branch.unsqueeze(-2))  # (B, T, n, C)
+        out = token_matmul(delta_t, streams32).add_(streams32).addcmul_(post, branch.unsqueeze(-2))  # (B, T, n, C)
     return out.to(streams.dtype)  # accumulated in float32 and rounded once, like the Triton kernel
+
+
+def stream_update_grads(streams, mixer, post, branch, grad_out):
+    """The backward of ``update_streams`` per token (each a small batched product):
+
+    ∂X = H ∂X'      ∂H = X ∂X'ᵀ      ∂post = ∂X' f      ∂f = postᵀ ∂X'
+    """
+    dtype = streams.dtype
+    grad_out = grad_out.to(dtype)
+    grad_streams = token_matmul(mixer.to(dtype), grad_out)  # (…, n, C)
+    grad_mixer = token_matmul(streams, grad_out.transpose(-1, -2)).float()  # (…, n, n)
+    grad_post = row_dot(branch, grad_out).float()  # (…, n)
+    grad_branch = token_matmul(post.to(dtype).unsqueeze(-2), grad_out).squeeze(-2)  # (…, C)
+    return grad_streams, grad_mixer, grad_post, grad_branch
+
+
+def read_grad_streams(streams, pre, grad_u, kappa):
+    """The part of ``HyperConnectionRead``'s ∂X that is pointwise in X: pre ⊗ ∂u − κ X, in float32."""
+    return torch.addcmul(streams.float() * -kappa.unsqueeze(-1), pre.unsqueeze(-1), grad_u.unsqueeze(-2))
+
+
+@functools.cache
+def compiled(function):
+    """``function`` compiled by ``torch.compile``, made once per function: the kernel_backend="compiled" CPU path
+    runs the per-token passes above as inductor's fused C++ loops, while the large matmuls stay eager (MKL).
+    Inputs are passed detached and contiguous, so that neither autograd flags nor the expanded first-layer
+    streams cause recompiles."""
+    function = torch.compile(function)
+
+    def call(*args):
+        return function(*(a.detach().contiguous() if isinstance(a, torch.Tensor) else a for a in args))
+
+    return call
+
+
+def maybe_compiled(function, use_compiled: bool):
+    return compiled(function) if use_compiled and not torch.compiler.is_compiling() else function
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -116,22 +167,22 @@ class HyperConnectionRead(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, streams, phi, alpha, bias, split_sizes, pre_eps: float, norm_eps: float):
+    def forward(ctx, streams, phi, alpha, bias, split_sizes, pre_eps: float, norm_eps: float, use_compiled: bool):
         x = streams.flatten(-2).float()  # (…, K)
         rstd = rms_scale(x, norm_eps)  # (…, 1)
         zlin = skinny_linear(x, phi.float()) * rstd  # (…, M)
         scale = torch.cat([a.expand(size) for a, size in zip(alpha.float(), split_sizes)])  # (M,)
         pre, post, z_res = activate_coefficients(zlin * scale + bias.float(), split_sizes, pre_eps)
         ctx.save_for_backward(streams, phi, scale, pre, post, zlin, rstd)
-        ctx.split_sizes, ctx.pre_eps = split_sizes, pre_eps
-        return collapse_streams(streams, pre), post, z_res
+        ctx.split_sizes, ctx.pre_eps, ctx.use_compiled = split_sizes, pre_eps, use_compiled
+        return maybe_compiled(collapse_streams, use_compiled)(streams, pre), post, z_res
 
     @staticmethod
     def backward(ctx, grad_u, grad_post, grad_res):
         streams, phi, scale, pre, post, zlin, rstd = ctx.saved_tensors
         x = streams.float()  # (…, n, C); a view for float32 streams
         grad_u = grad_u.float()
-        grad_pre = row_dot(grad_u, x)  # (…, n): the collapse's ∂pre
+        grad_pre = maybe_compiled(row_dot, ctx.use_compiled)(grad_u, x)  # (…, n): the collapse's ∂pre
         sig_pre, sig_post = pre - ctx.pre_eps, post / 2
         grad_z = torch.cat([grad_pre * sig_pre * (1 - sig_pre), grad_post * post * (1 - sig_post), grad_res], dim=-1)
         lead = tuple(range(grad_z.dim() - 1))
@@ -140,34 +191,30 @@ class HyperConnectionRead(torch.autograd.Function):
         grad_zlin = grad_z * scale  # (…, M)
         g = grad_zlin * rstd
         kappa = (grad_zlin * zlin).sum(-1, keepdim=True) * rstd.square() / x.shape[-1] / x.shape[-2]  # (…, 1)
-        grad_x = torch.mul(x, -kappa.unsqueeze(-1)).addcmul_(pre.unsqueeze(-1), grad_u.unsqueeze(-2))  # (…, n, C)
+        grad_x = maybe_compiled(read_grad_streams, ctx.use_compiled)(x, pre, grad_u, kappa)  # (…, n, C)
         g, x_flat = g.reshape(-1, g.shape[-1]), x.reshape(g.shape[:-1].numel(), -1)  # (N, M), (N, K)
         grad_x.view_as(x_flat).addmm_(g, phi.float())  # + g Φ
         grad_phi = g.T @ x_flat  # (M, K)
-        return grad_x.to(streams.dtype), grad_phi, grad_alpha, grad_bias, None, None, None
+        return grad_x.to(streams.dtype), grad_phi, grad_alpha, grad_bias, None, None, None, None
 
 
 class StreamUpdate(torch.autograd.Function):
-    """X' = Hᵀ X + post ⊗ f on the torch path (forward: ``update_streams``), backward without nC-wide temporaries:
-
-        ∂X = H ∂X'      ∂H = X ∂X'ᵀ      ∂post = ∂X' f      ∂f = postᵀ ∂X'      (each a small batched matmul)
-    """
+    """X' = Hᵀ X + post ⊗ f on the torch path: ``update_streams`` forward, ``stream_update_grads`` backward
+    (no nC-wide temporaries, and the streams saved once)."""
 
     @staticmethod
-    def forward(ctx, streams, mixer, post, branch):
+    def forward(ctx, streams, mixer, post, branch, use_compiled: bool):
         ctx.save_for_backward(streams, mixer, post, branch)
-        return update_streams(streams, mixer, post, branch)
+        ctx.use_compiled = use_compiled
+        return maybe_compiled(update_streams, use_compiled)(streams, mixer, post, branch)
 
     @staticmethod
     def backward(ctx, grad_out):
         streams, mixer, post, branch = ctx.saved_tensors
-        dtype = streams.dtype
-        grad_out = grad_out.to(dtype)
-        grad_streams = torch.matmul(mixer.to(dtype), grad_out)  # (…, n, C)
-        grad_mixer = torch.matmul(streams, grad_out.transpose(-1, -2)).float().sum_to_size(mixer.shape)
-        grad_post = row_dot(branch, grad_out).float().sum_to_size(post.shape)
-        grad_branch = torch.matmul(post.to(dtype).unsqueeze(-2), grad_out).squeeze(-2).sum_to_size(branch.shape)
-        return grad_streams, grad_mixer.to(mixer.dtype), grad_post.to(post.dtype), grad_branch
+        grads = maybe_compiled(stream_update_grads, ctx.use_compiled)(streams, mixer, post, branch, grad_out)
+        grad_streams, grad_mixer, grad_post, grad_branch = grads
+        return (grad_streams, grad_mixer.sum_to_size(mixer.shape).to(mixer.dtype),
+                grad_post.sum_to_size(post.shape).to(post.dtype), grad_branch.sum_to_size(branch.shape), None)  # fmt: skip
 
 
 def _fused_ops(kernel_backend: str, tensor: torch.Tensor):
@@ -175,7 +222,7 @@ def _fused_ops(kernel_backend: str, tensor: torch.Tensor):
 
     Imported lazily and inside try: this file also runs as remote code without the hf_jpmhc package.
     """
-    if kernel_backend == "torch" or (kernel_backend == "auto" and not tensor.is_cuda):
+    if kernel_backend in ("torch", "compiled") or (kernel_backend == "auto" and not tensor.is_cuda):
         return None
     try:
         from hf_jpmhc import ops
@@ -232,8 +279,9 @@ class HyperConnection(nn.Module):
         recompute: bool = False,
     ):
         super().__init__()
-        check_choice("kernel_backend", kernel_backend, KERNEL_BACKENDS)
+        check_choice("kernel_backend", kernel_backend, HC_KERNEL_BACKENDS)
         self.kernel_backend, self.recompute = kernel_backend, recompute
+        self.use_compiled = kernel_backend == "compiled"
         n, r = mixer.num_streams, mixer.num_logits
         self.num_streams, self.mixer, self.home_stream = n, mixer, home_stream % n
         self.split_sizes = (n, n, r)
@@ -285,7 +333,7 @@ class HyperConnection(nn.Module):
         ops = _fused_ops(self.kernel_backend, streams)
         if ops is None and self.phi is not None and torch.is_grad_enabled():  # training on the torch path: one Function
             u, post, z_res = HyperConnectionRead.apply(streams, self.phi, self.alpha, self.bias, self.split_sizes,
-                                                       self.pre_eps, self.norm_eps)  # fmt: skip
+                                                       self.pre_eps, self.norm_eps, self.use_compiled)  # fmt: skip
             return u, post, self._mix(z_res, None)
         pre, post, mixer = self.coefficients(streams)
         u = collapse_streams(streams, pre) if ops is None else ops.collapse_streams(streams, pre, kernel_backend="triton")
@@ -307,7 +355,7 @@ class HyperConnection(nn.Module):
         if ops is not None:
             return ops.update_streams(streams, mixer, post, branch, kernel_backend="triton")
         if torch.is_grad_enabled():
-            return StreamUpdate.apply(streams, mixer, post, branch)
+            return StreamUpdate.apply(streams, mixer, post, branch, self.use_compiled)
         return update_streams(streams, mixer, post, branch)  # inference: the same forward, no autograd bookkeeping
 
     def recomputable_write(self, streams, branch, post, mixer, *, enabled: bool = True):
@@ -377,7 +425,7 @@ class StreamCollapse(nn.Module):
     def __init__(self, hidden_size: int, num_streams: int, *, learned: bool = True, alpha_init: float = 0.01,
                  pre_eps: float = 0.0, norm_eps: float = 1e-6, kernel_backend: str = "auto"):  # fmt: skip
         super().__init__()
-        check_choice("kernel_backend", kernel_backend, KERNEL_BACKENDS)
+        check_choice("kernel_backend", kernel_backend, HC_KERNEL_BACKENDS)
         self.kernel_backend = kernel_backend
         self.num_streams, self.alpha_init, self.pre_eps, self.norm_eps = num_streams, alpha_init, pre_eps, norm_eps
         if learned:
