@@ -83,6 +83,14 @@ def token_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.matmul(a, b)
 
 
+def token_matmul_nt(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a bᵀ per token, (…, m, k), (…, p, k) → (…, m, p): ``token_matmul`` for a product over the last (contiguous)
+    axis of both, which inductor vectorises best."""
+    if torch.compiler.is_compiling():
+        return (a.unsqueeze(-2) * b.unsqueeze(-3)).sum(-1)
+    return torch.matmul(a, b.transpose(-1, -2))
+
+
 def collapse_streams(streams: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """u = Σ_i w_i X_i: (…, n, C), (…, n) → (…, C), accumulated in float32, returned in the streams' dtype."""
     return token_matmul(weights.float().unsqueeze(-2), streams.float()).squeeze(-2).to(streams.dtype)
@@ -91,7 +99,7 @@ def collapse_streams(streams: torch.Tensor, weights: torch.Tensor) -> torch.Tens
 def row_dot(vector: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """(…, C), (…, n, C) → (…, n): each row's dot product with the vector, as the batched product vᵀ Xᵀ — on CPU
     3× faster than X v (MKL's batched matrix-vector kernel) and without the n·C-wide temporary of (X ⊙ v).sum(-1)."""
-    return token_matmul(vector.unsqueeze(-2), rows.transpose(-1, -2)).squeeze(-2)
+    return token_matmul_nt(vector.unsqueeze(-2), rows).squeeze(-2)
 
 
 def update_streams(streams: torch.Tensor, mixer: torch.Tensor, post: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
@@ -121,7 +129,7 @@ def stream_update_grads(streams, mixer, post, branch, grad_out):
     dtype = streams.dtype
     grad_out = grad_out.to(dtype)
     grad_streams = token_matmul(mixer.to(dtype), grad_out)  # (…, n, C)
-    grad_mixer = token_matmul(streams, grad_out.transpose(-1, -2)).float()  # (…, n, n)
+    grad_mixer = token_matmul_nt(streams, grad_out).float()  # (…, n, n)
     grad_post = row_dot(branch, grad_out).float()  # (…, n)
     grad_branch = token_matmul(post.to(dtype).unsqueeze(-2), grad_out).squeeze(-2)  # (…, C)
     return grad_streams, grad_mixer, grad_post, grad_branch
