@@ -33,6 +33,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     spectrum.add_argument("--prompt", default="The capital of Germany is", help="text for --model (first --tokens tokens)")
     spectrum.add_argument("--output", default="spectrum.png", help="PNG to write")
     spectrum.add_argument("--json", default=None, help="--branch lm: also write the per-model moments to this JSON file")
+    spectrum.add_argument("--rotated-control", type=int, default=0, metavar="DRAWS",
+                          help="--branch lm: also rebuild each model's Jacobian with its branch Jacobians J_F made free by "
+                               "a Haar rotation of their input side (DRAWS per position; same g_k, β_k, so the same "
+                               "prediction): rotated vs MC measures the real branches' non-freeness")  # fmt: skip
     spectrum.add_argument("--seed", type=int, default=0)
     spectrum.set_defaults(func=_spectrum)
 
@@ -146,35 +150,50 @@ def _lm_ensemble_spectrum(args: argparse.Namespace) -> None:
     import torch
     from tqdm import tqdm
 
-    from .ensemble import RandomJPmHCEnsemble
+    from .ensemble import RandomJPmHCEnsemble, SiteCoefficients, rotated_branch_control
     from .free_probability import jacobian_moments
     from .jacobian import measure_sites, token_spectra
     from .plots import SpectrumPanel, plot_spectra
 
     if args.samples < 1:
         raise ValueError(f"--samples must be >= 1, got {args.samples}")
-    rows, panels = [], []
+    if args.rotated_control < 0:
+        raise ValueError(f"--rotated-control must be >= 0, got {args.rotated_control}")
+    rows, panels, rotated_rows = [], [], []
     for mixer in [m.strip() for m in args.mixer.split(",") if m.strip()]:
         ensemble = RandomJPmHCEnsemble(mixer, args.streams, args.depth, args.hidden, num_tokens=args.tokens)
         ensemble.logit_std = _logit_std(args.logit_std, ensemble.mixer)
         generator = torch.Generator().manual_seed(args.seed)
-        values, predicted, first = [], [], None
+        rotation_generator = torch.Generator().manual_seed(args.seed)  # separate: the models do not depend on the flag
+        values, predicted, rotated, first = [], [], [], None
         for _ in tqdm(range(args.samples), desc=f"Monte-Carlo LMs ({ensemble.mixer})", leave=False):
             model, input_ids = ensemble.sample_model(generator)
-            measurement = measure_sites(model, input_ids)
+            measurement = measure_sites(model, input_ids, keep_blocks=args.rotated_control > 0)
             values.append(token_spectra(model, input_ids))  # (T, nC)
             predicted.append(torch.stack(jacobian_moments(measurement.coefficients, measurement.gain, measurement.kappa4)))
+            if args.rotated_control:
+                c = measurement.coefficients
+                rotated.append(torch.stack([
+                    rotated_branch_control(SiteCoefficients(c.pre[t], c.post[t], c.mixer[t]), measurement.blocks[t],
+                                           args.rotated_control, rotation_generator).mean(0)
+                    for t in range(input_ids.numel())
+                ]).mean(0))  # (2,), pooled over t like the MC  # fmt: skip
+            measurement.blocks = None
             first = first or measurement
         empirical, predicted = torch.stack(values), torch.stack(predicted)  # (S, T, nC), (S, 2, T)
         per_model = torch.stack([empirical.mean((1, 2)), empirical.square().mean((1, 2))])  # (2, S), pooled over t
         rows.append((ensemble.mixer, args.depth, predicted.mean(2).T, per_model))  # (2, S) each
+        if args.rotated_control:
+            rotated_rows.append((ensemble.mixer, args.depth, predicted.mean(2).T, torch.stack(rotated).T, per_model))
         grid, density = _predicted_density(first, empirical)
         title = (f"{ensemble.mixer}: n={args.streams}, L={args.depth}, C={args.hidden}, T={args.tokens}, "
                  f"s={ensemble.logit_std}\n{args.samples} random LMs; prediction for the first")  # fmt: skip
         panels.append(SpectrumPanel(title, grid, density, empirical.flatten()))
     _print_ensemble_table(rows)
+    if rotated_rows:
+        _print_rotated_table(rotated_rows, args.rotated_control)
     if args.json:
-        _write_json(args, rows)
+        _write_json(args, rows, rotated_rows)
     plot_spectra(panels, args.output, "Squared singular values of ∂X_L[t]/∂X_0[t], randomly initialised JPmHC LMs")
     print(f"wrote {args.output}")
 
@@ -221,11 +240,31 @@ def _print_ensemble_table(rows) -> None:
           "90% boot: percentile bootstrap interval of err over models")  # fmt: skip
 
 
-def _write_json(args: argparse.Namespace, rows) -> None:
+def _print_rotated_table(rows, draws: int) -> None:
+    """The rotated-branch control: prediction vs free (rotated) branches, and rotated vs the real branches (MC)."""
+    from .ensemble import bootstrap_relative_error, paired_relative_error
+
+    def cells(estimate, reference):
+        err, err_se = paired_relative_error(estimate, reference)
+        low, high = bootstrap_relative_error(estimate, reference)
+        return f"{err:>+7.1%} ±{err_se:<6.1%}{f'[{low:+.0%}, {high:+.0%}]':>14}"
+
+    print(f"{'mixer':<14}{'depth':>6}  {'m1 pred/rot':>11} {'± se':<6}{'90% boot':>14}  {'m1 rot/MC':>9} {'± se':<6}"
+          f"{'90% boot':>14}  {'m2 pred/rot':>11} {'± se':<6}{'90% boot':>14}  {'m2 rot/MC':>9} {'± se':<6}{'90% boot':>14}")  # fmt: skip
+    for mixer, depth, predicted, rotated, empirical in rows:
+        print(f"{mixer:<14}{depth:>6}  {cells(predicted[0], rotated[0]):>32}  {cells(rotated[0], empirical[0]):>30}"
+              f"  {cells(predicted[1], rotated[1]):>32}  {cells(rotated[1], empirical[1]):>30}")  # fmt: skip
+    print(f"rot: each model's own branch Jacobians J_F with a Haar-rotated input side ({draws} draws per position: free, "
+          "same g_k, β_k); pred/rot = Σpred/Σrot − 1 (the predictor on free branches), rot/MC = Σrot/ΣMC − 1 "
+          "(the real branches' non-freeness), paired by model")  # fmt: skip
+
+
+def _write_json(args: argparse.Namespace, rows, rotated_rows=()) -> None:
     import json
 
     from .ensemble import bootstrap_relative_error, paired_relative_error
 
+    rotated_by_mixer = {row[0]: row[3] for row in rotated_rows}
     records = []
     for mixer, depth, predicted, empirical in rows:
         record = {"mixer": mixer, "depth": depth, "streams": args.streams, "hidden": args.hidden, "tokens": args.tokens,
@@ -235,6 +274,10 @@ def _write_json(args: argparse.Namespace, rows) -> None:
             record.update({f"{name}_pred": predicted[k].tolist(), f"{name}_mc": empirical[k].tolist(),
                            f"{name}_err": err, f"{name}_err_se": err_se,
                            f"{name}_err_boot90": bootstrap_relative_error(predicted[k], empirical[k])})  # fmt: skip
+            if mixer in rotated_by_mixer:
+                record[f"{name}_rot"] = rotated_by_mixer[mixer][k].tolist()
+        if mixer in rotated_by_mixer:
+            record["rotated_control_draws"] = args.rotated_control
         records.append(record)
     with open(args.json, "w") as f:
         json.dump(records, f, indent=1)

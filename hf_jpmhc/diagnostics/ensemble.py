@@ -221,6 +221,43 @@ def gaussian_branch_control(
     return torch.stack(predicted), torch.stack(empirical)
 
 
+def haar_orthogonal(size: int, generator: torch.Generator) -> torch.Tensor:
+    """A Haar-distributed orthogonal matrix (size, size), float64 (QR of a Gaussian, signs fixed by diag R)."""
+    q, r = torch.linalg.qr(torch.randn(size, size, generator=generator, dtype=torch.float64))
+    return q * torch.sign(torch.diagonal(r))
+
+
+@torch.no_grad()
+def rotated_branch_control(
+    coefficients: SiteCoefficients, blocks: torch.Tensor, draws: int, generator: torch.Generator, side: str = "input"
+) -> torch.Tensor:
+    """The LM's own branch Jacobians made free: exact (m₁, m₂) (draws, 2) of J = Π_k (H_kᵀ ⊗ I + post_k pre_kᵀ ⊗ B_k V_k)
+    with fresh Haar orthogonal V_k per site and draw (``side="input"``; ``"output"``: V_k B_k instead).
+
+    For one token position: pre, post (K, n), H (K, n, n) and the measured blocks J_F (K, C, C) of a
+    ``SiteMeasurement(keep_blocks=True)``. A one-sided Haar rotation keeps every singular value of every
+    B_k (so g_k, β_k and the prediction are unchanged) and makes B_k R-diagonal and free from the rest of
+    the stack — the predictor's assumption — while the unrotated product is the LM's Monte-Carlo Jacobian.
+    So on the same model: real vs rotated isolates the non-freeness of the real branches (their singular
+    vectors aligned with each other and with the streams), rotated vs predicted is everything else (the
+    recursion, finite C). Sharper than ``gaussian_branch_control``, which redraws the whole branch.
+    """
+    from .jacobian import site_product
+
+    if side not in ("input", "output"):
+        raise ValueError(f"side must be 'input' or 'output', got {side!r}")
+    hidden = blocks.shape[-1]
+    moments = []
+    for _ in range(draws):
+        if side == "input":
+            rotated = [b.double() @ haar_orthogonal(hidden, generator) for b in blocks]
+        else:
+            rotated = [haar_orthogonal(hidden, generator) @ b.double() for b in blocks]
+        values = torch.linalg.svdvals(site_product(coefficients, rotated)).square()
+        moments.append(torch.stack([values.mean(), values.square().mean()]))
+    return torch.stack(moments)
+
+
 def paired_relative_error(predicted, empirical) -> tuple[float, float]:
     """Relative error r = Σ p_s / Σ e_s − 1 of per-model predictions p_s against the same models' Monte-Carlo
     values e_s, and its standard error over models (the ratio estimator, paired: the spread of p_s − (1 + r) e_s).

@@ -114,16 +114,18 @@ class SiteMeasurement:
     coefficients: pre (T, K, n), post (T, K, n), H (T, K, n, n) at the streams each site reads;
     gain:   g (T, K) with g² = tr(J_F J_Fᵀ)/C, J_F = ∂f[t]/∂u[t] the branch's same-token Jacobian,
             RMSNorm included (so g carries its 1/rms(u));
-    kappa4: β (T, K) = (tr((J_F J_Fᵀ)²)/C) / g⁴ − 2, the normalised fourth free cumulant (0 if circular).
+    kappa4: β (T, K) = (tr((J_F J_Fᵀ)²)/C) / g⁴ − 2, the normalised fourth free cumulant (0 if circular);
+    blocks: the J_F themselves (T, K, C, C), if asked for (``measure_sites(..., keep_blocks=True)``).
     """
 
     coefficients: SiteCoefficients
     gain: torch.Tensor
     kappa4: torch.Tensor
+    blocks: torch.Tensor | None = None
 
 
-def _branch_block_moments(branch: Callable[[torch.Tensor], torch.Tensor], u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(tr(JJᵀ)/C, tr((JJᵀ)²)/C) of the same-token blocks J = ∂f[t]/∂u[t] of a branch f on u (T, C), per t: T·C VJPs."""
+def _branch_blocks(branch: Callable[[torch.Tensor], torch.Tensor], u: torch.Tensor) -> torch.Tensor:
+    """The same-token blocks J = ∂f[t]/∂u[t] (T, C, C) of a branch f on u (T, C), float64: T·C VJPs."""
     tokens, hidden = u.shape
     count = tokens * hidden
     inputs = u.detach().unsqueeze(0).repeat(count, 1, 1).requires_grad_(True)
@@ -133,18 +135,17 @@ def _branch_block_moments(branch: Callable[[torch.Tensor], torch.Tensor], u: tor
     seeds[rows, rows // hidden, rows % hidden] = 1.0
     (grad,) = torch.autograd.grad(outputs, inputs, seeds)
     grad = grad.double().view(tokens, hidden, tokens, hidden)
-    blocks = grad[torch.arange(tokens), :, torch.arange(tokens)]  # (T, C, C)
-    gram = blocks @ blocks.transpose(-1, -2)
-    return gram.diagonal(dim1=-2, dim2=-1).sum(-1) / hidden, (gram @ gram).diagonal(dim1=-2, dim2=-1).sum(-1) / hidden
+    return grad[torch.arange(tokens), :, torch.arange(tokens)]  # (T, C, C)
 
 
-def measure_sites(model: torch.nn.Module, input_ids: torch.Tensor) -> SiteMeasurement:
+def measure_sites(model: torch.nn.Module, input_ids: torch.Tensor, keep_blocks: bool = False) -> SiteMeasurement:
     """Coefficients and branch Jacobian moments of every hyper-connection site of a JPmHC LM on one sequence (T,).
 
     One forward pass records the streams each site reads and the attention's keyword arguments (rotary
     embeddings, mask); each branch f = Attn(norm(u)) or MLP(norm(u)) is then differentiated alone, at the
     recorded u, with the other tokens held fixed. The coefficient path ∂(pre, post, H)/∂X is not measured:
-    it is zero at initialisation (Φ = 0).
+    it is zero at initialisation (Φ = 0). ``keep_blocks`` also returns the blocks J_F (T, K, C, C), from which
+    ``site_product`` rebuilds each position's stream Jacobian exactly.
     """
     base = getattr(model, "model", model)
     layers = getattr(base, "layers", None)
@@ -181,7 +182,7 @@ def measure_sites(model: torch.nn.Module, input_ids: torch.Tensor) -> SiteMeasur
         for hc, *_ in sites:
             hc.__dict__.pop("read", None)
 
-    pres, posts, mixers, second_moments, fourth_moments = [], [], [], [], []
+    pres, posts, mixers, all_blocks = [], [], [], []
     for (hc, index, kind), streams in zip(sites, streams_read):
         tokens, n = streams.shape[:2]
         with torch.no_grad():
@@ -198,12 +199,29 @@ def measure_sites(model: torch.nn.Module, input_ids: torch.Tensor) -> SiteMeasur
             def branch(x, layer=layer):
                 return layer.mlp(layer.post_attention_layernorm(x))
 
-        m1, m2 = _branch_block_moments(branch, u)
-        pres.append(pre), posts.append(post), mixers.append(mixer)
-        second_moments.append(m1), fourth_moments.append(m2)
-    m1, m2 = torch.stack(second_moments, 1), torch.stack(fourth_moments, 1)  # (T, K)
+        pres.append(pre), posts.append(post), mixers.append(mixer), all_blocks.append(_branch_blocks(branch, u))
+    blocks = torch.stack(all_blocks, 1)  # (T, K, C, C)
+    hidden = blocks.shape[-1]
+    gram = blocks @ blocks.transpose(-1, -2)
+    m1 = gram.diagonal(dim1=-2, dim2=-1).sum(-1) / hidden  # (T, K)
+    m2 = (gram @ gram).diagonal(dim1=-2, dim2=-1).sum(-1) / hidden
     coefficients = SiteCoefficients(torch.stack(pres, 1).float(), torch.stack(posts, 1).float(), torch.stack(mixers, 1).float())
-    return SiteMeasurement(coefficients, m1.sqrt(), m2 / m1.square() - 2)
+    return SiteMeasurement(coefficients, m1.sqrt(), m2 / m1.square() - 2, blocks if keep_blocks else None)
+
+
+def site_product(coefficients: SiteCoefficients, blocks) -> torch.Tensor:
+    """J = J_K ⋯ J_1 (nC, nC), J_k = H_kᵀ ⊗ I_C + post_k pre_kᵀ ⊗ B_k, for one token position: pre, post (K, n),
+    H (K, n, n), blocks B_k (K, C, C) or a list of K (C, C). With B_k the measured J_F of an LM this is its
+    block ∂X_L[t]/∂X_0[t] (under the causal mask, the product of the sites' same-token blocks), so the
+    Monte-Carlo Jacobian can be rebuilt from, or with modified, branch Jacobians. Row-major vec(X), X (n, C).
+    """
+    pre, post, mixer = (x.double() for x in (coefficients.pre, coefficients.post, coefficients.mixer))
+    n, hidden = mixer.shape[-1], blocks[0].shape[-1]
+    product = torch.eye(n * hidden, dtype=torch.float64).view(n, hidden, n * hidden)  # rows (i, c)
+    for k in range(mixer.shape[0]):
+        branch = blocks[k].double() @ torch.einsum("j,jcm->cm", pre[k], product)  # B_k (pre_kᵀ X)
+        product = torch.einsum("ji,jcm->icm", mixer[k], product) + post[k][:, None, None] * branch  # Hᵀ X + post ⊗ ·
+    return product.reshape(n * hidden, n * hidden)
 
 
 def model_initial_streams(model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
