@@ -114,10 +114,7 @@ def update_streams(streams: torch.Tensor, mixer: torch.Tensor, post: torch.Tenso
     eye = torch.eye(mixer.shape[-1], dtype=torch.float32, device=mixer.device)
     delta_t, post = mixer.float().transpose(-1, -2) - eye, post.float().unsqueeze(-1)  # (H − I)[t, s], (…, n, 1)
     streams32 = streams.float()
-    if torch.compiler.is_compiling():
-        out = streams32 + token_matmul(delta_t, streams32) + post * branch.unsqueeze(-2)
-    else:
-        out = token_matmul(delta_t, streams32).add_(streams32).addcmul_(post, branch.unsqueeze(-2))  # (B, T, n, C)
+    out = token_matmul(delta_t, streams32).add_(streams32).addcmul_(post, branch.unsqueeze(-2))  # (B, T, n, C)
     return out.to(streams.dtype)  # accumulated in float32 and rounded once, like the Triton kernel
 
 

@@ -53,8 +53,8 @@ def skew_from_logits(theta: torch.Tensor, basis: torch.Tensor, m: int) -> torch.
 
 def solve_small(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a⁻¹ b for batches of small systems (…, m, m), (…, m, k) whose symmetric part is positive definite —
-    the three systems here: I − A/2 with A skew (symmetric part I) and the regularised Sinkhorn scaling
-    matrix (symmetric positive definite) — so that elimination needs no pivoting.
+    the systems here: I − A/2 with A skew (symmetric part I), the regularised Sinkhorn scaling matrix and
+    its Schur complement (symmetric positive definite) — so that elimination needs no pivoting.
 
     Eager: LAPACK's ``solve_ex`` (never singular here, so no error check and no host sync). Under
     ``torch.compile``: Gauss–Jordan elimination unrolled over the m pivots, elementwise ops that inductor
@@ -198,10 +198,9 @@ def sinkhorn_iterate(theta: torch.Tensor, iters: int, eps: float = 0.0, newton_s
                 break
             p = p / p.sum(-1, keepdim=True)
             p = p / p.sum(-2, keepdim=True)
-        log_p = p.log()
         if newton_steps:
-            log_p = sinkhorn_newton(log_p, newton_steps)
-        return log_p.exp().to(theta.dtype)
+            p = sinkhorn_newton(p.log(), newton_steps).exp()
+        return p.to(theta.dtype)
     p = torch.softmax(theta, dim=-1) + eps
     p = p / (p.sum(-2, keepdim=True) + eps)
     for _ in range(iters - 1):
@@ -210,24 +209,19 @@ def sinkhorn_iterate(theta: torch.Tensor, iters: int, eps: float = 0.0, newton_s
     return p
 
 
-def _scaling_system(p: torch.Tensor, row: torch.Tensor, col: torch.Tensor, regulariser: torch.Tensor) -> torch.Tensor:
-    """[[diag(row), P], [Pᵀ, diag(col)]] + vvᵀ + 1e-9·I with v = (1, −1) (``_scaling_regulariser``), in P's dtype.
+def _scaling_system(p: torch.Tensor, row: torch.Tensor, col: torch.Tensor) -> torch.Tensor:
+    """[[diag(row), P], [Pᵀ, diag(col)]] + vvᵀ + 1e-9·I with v = (1, −1), in P's dtype (float64 here).
 
     The matrix is the Jacobian of the scaling equations (row = P1, col = Pᵀ1) and, at the fixed point,
     the adjoint system of the implicit backward. It is singular along v, which changes neither the
     Newton step's effect nor the gradient; vvᵀ removes that null direction and the ridge keeps
     near-permutation P, whose extra null directions meet only zero entries of P, solvable.
     """
+    n = p.shape[-1]
     top = torch.cat([torch.diag_embed(row), p], dim=-1)
     bottom = torch.cat([p.transpose(-1, -2), torch.diag_embed(col)], dim=-1)
-    return torch.cat([top, bottom], dim=-2) + regulariser
-
-
-def _scaling_regulariser(p: torch.Tensor) -> torch.Tensor:
-    """vvᵀ + 1e-9·I (2n, 2n) with v = (1, −1), in P's dtype and device."""
-    n = p.shape[-1]
     v = torch.cat([torch.ones(n), -torch.ones(n)]).to(p)
-    return torch.outer(v, v) + 1e-9 * torch.eye(2 * n).to(p)
+    return torch.cat([top, bottom], dim=-2) + torch.outer(v, v) + 1e-9 * torch.eye(2 * n).to(p)
 
 
 def sinkhorn_newton(log_p: torch.Tensor, steps: int, max_step: float = 2.0) -> torch.Tensor:
@@ -299,7 +293,7 @@ def sinkhorn_implicit_grad(p: torch.Tensor, grad_p: torch.Tensor) -> torch.Tenso
     gp = g64 * p64
     rhs = torch.cat([gp.sum(-1), gp.sum(-2)], dim=-1).unsqueeze(-1)  # (…, 2n, 1)
     ones = torch.ones(p.shape[:-1], dtype=torch.float64, device=p.device)
-    ab = solve_small(_scaling_system(p64, ones, ones, _scaling_regulariser(p64)), rhs).squeeze(-1)
+    ab = solve_small(_scaling_system(p64, ones, ones), rhs).squeeze(-1)
     a, b = ab[..., :n], ab[..., n:]
     return (p64 * (g64 - a.unsqueeze(-1) - b.unsqueeze(-2))).to(p.dtype)
 
