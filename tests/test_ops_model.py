@@ -194,12 +194,12 @@ def test_compiled_backend_matches_torch_in_the_model(mixer, options):
 def test_compiled_small_solve_matches_lapack():
     """Under torch.compile, solve_small eliminates without pivoting; on the mixers' systems (symmetric part
     positive definite) it agrees with LAPACK, and the Cayley transform stays orthogonal at |θ| ~ 1e3."""
-    from hf_jpmhc.models.mixers import _scaling_system, cayley, solve_small
+    from hf_jpmhc.models.mixers import cayley, solve_small
 
     generator = torch.Generator().manual_seed(0)
     p = torch.softmax(3 * torch.randn(5, 4, 4, generator=generator, dtype=torch.float64), dim=-1)
-    system = _scaling_system(p, p.sum(-1), p.sum(-2))
-    rhs = torch.randn(5, 8, 2, generator=generator, dtype=torch.float64)
+    system = torch.diag_embed(p.sum(-1)) - (p / p.sum(-2).unsqueeze(-2)) @ p.mT + 1  # Sinkhorn's Schur complement
+    rhs = torch.randn(5, 4, 2, generator=generator, dtype=torch.float64)
     skew = torch.randn(5, 4, 4, generator=generator, dtype=torch.float64) * 1e3
     skew = skew - skew.mT
     compiled_solve = torch.compile(solve_small, backend="aot_eager", fullgraph=True)

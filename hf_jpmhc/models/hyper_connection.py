@@ -37,9 +37,10 @@ def normalized_projection(streams: torch.Tensor, phi: torch.Tensor, eps: float) 
 
 
 def skinny_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x Wᵀ for a weight with few rows, (…, K), (M, K) → (…, M): computed as (W xᵀ)ᵀ, which MKL runs about 1.8×
-    faster on CPU than ``F.linear`` when M ≈ 14 (the result is a transposed view)."""
-    return (weight @ x.mT).mT
+    """x Wᵀ for a weight with few rows, (…, K), (M, K) → (…, M): computed as (W xᵀ)ᵀ, which MKL runs about 1.9×
+    faster on CPU than ``F.linear`` when M ≈ 14 (the result is a transposed view). ``torch.mm`` on the flattened
+    tokens, because ``weight @ x.mT`` is folded back into x Wᵀ by ``torch.matmul``."""
+    return torch.mm(weight, x.reshape(-1, x.shape[-1]).T).T.unflatten(0, x.shape[:-1])
 
 
 def activate_coefficients(z: torch.Tensor, split_sizes: tuple[int, int, int], pre_eps: float):

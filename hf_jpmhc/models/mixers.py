@@ -53,8 +53,8 @@ def skew_from_logits(theta: torch.Tensor, basis: torch.Tensor, m: int) -> torch.
 
 def solve_small(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a⁻¹ b for batches of small systems (…, m, m), (…, m, k) whose symmetric part is positive definite —
-    the systems here: I − A/2 with A skew (symmetric part I), the regularised Sinkhorn scaling matrix and
-    its Schur complement (symmetric positive definite) — so that elimination needs no pivoting.
+    the systems here: I − A/2 with A skew (symmetric part I) and the Schur complement of the Sinkhorn
+    scaling Jacobian (symmetric positive definite) — so that elimination needs no pivoting.
 
     Eager: LAPACK's ``solve_ex`` (never singular here, so no error check and no host sync). Under
     ``torch.compile``: Gauss–Jordan elimination unrolled over the m pivots, elementwise ops that inductor
@@ -165,9 +165,8 @@ class UnconstrainedMixer(Mixer):
 def early_exit_tolerance(tensor: torch.Tensor) -> float | None:
     """The row error below which the Sinkhorn rounds and Newton steps may stop (columns are exact after each
     column normalisation): 8 ulp of 1 in the tensor's dtype (1e-6 in float32, 2e-15 in the float64 polish), i.e.
-    converged to float rounding. Only in eager mode on CPU, where reading the residual on the host is a cheap
-    sync — None (never stop early) under ``torch.compile``, on an accelerator, or while autograd records the
-    loop (the unrolled backward differentiates all ``iters`` rounds)."""
+    converged to float rounding. Only in eager mode on CPU, where reading the residual on the host is a cheap sync — None (never stop early) under ``torch.compile``, on an accelerator,
+    or while autograd records the loop (the unrolled backward differentiates all ``iters`` rounds)."""
     recording = tensor.requires_grad and torch.is_grad_enabled()
     if tensor.device.type != "cpu" or torch.compiler.is_compiling() or recording:
         return None
@@ -179,7 +178,7 @@ def sinkhorn_iterate(theta: torch.Tensor, iters: int, eps: float = 0.0, newton_s
 
     ``eps = 0`` runs its first round in the log domain (stable for any |θ|) and the others as float64
     divisions (see the comment in the loop), then polishes with ``newton_steps`` Newton
-    steps on the log-scalings (``sinkhorn_newton``): plain SK converges only sublinearly when the target
+    steps on the scalings (``sinkhorn_newton``): plain SK converges only sublinearly when the target
     is near a permutation (row error ≈ 1e-1 after 20 rounds at |θ| ≤ 10), Newton reaches float precision.
     On CPU in eager mode the rounds stop early once the row error is within ``early_exit_tolerance`` (checked
     after the first round and every fourth), and so does the polish: decoding calls this per token and site.
@@ -188,19 +187,17 @@ def sinkhorn_iterate(theta: torch.Tensor, iters: int, eps: float = 0.0, newton_s
     """
     if eps == 0.0:
         tol = early_exit_tolerance(theta)
-        log_p = torch.log_softmax(theta.mT, dim=-2).mT  # rows sum to 1 (as Pᵀ's columns: 2× faster on CPU)
-        p = torch.log_softmax(log_p, dim=-2).double().exp()  # columns sum to 1
+        log_p = torch.log_softmax(matrix_first(theta), dim=1)  # P as (n, n, …); rows sum to 1
+        p = torch.log_softmax(log_p, dim=0).double().exp()  # columns sum to 1
         # From here every row and column keeps an entry ≥ 1/n² (a normalisation divides by a sum ≤ n), so the
         # remaining rounds run as plain divisions in float64 (no exp/log per round); entries below e^-700 of
         # their row's largest flush to zero (the log-domain rounds agreed to 1e-6 at |θ| ≤ 10).
         for i in range(1, iters):
-            if tol is not None and i % 4 == 1 and (p.sum(-1) - 1).abs().max() <= tol:
+            if tol is not None and i % 4 == 1 and (p.sum(1) - 1).abs().max() <= tol:
                 break
-            p = p / p.sum(-1, keepdim=True)
-            p = p / p.sum(-2, keepdim=True)
-        if newton_steps:
-            p = sinkhorn_newton(p.log(), newton_steps).exp()
-        return p.to(theta.dtype)
+            p = p / p.sum(1, keepdim=True)
+            p = p / p.sum(0, keepdim=True)
+        return matrix_last(sinkhorn_newton(p, newton_steps), theta.dtype)
     p = torch.softmax(theta, dim=-1) + eps
     p = p / (p.sum(-2, keepdim=True) + eps)
     for _ in range(iters - 1):
@@ -209,56 +206,61 @@ def sinkhorn_iterate(theta: torch.Tensor, iters: int, eps: float = 0.0, newton_s
     return p
 
 
-def _scaling_system(p: torch.Tensor, row: torch.Tensor, col: torch.Tensor) -> torch.Tensor:
-    """[[diag(row), P], [Pᵀ, diag(col)]] + vvᵀ + 1e-9·I with v = (1, −1), in P's dtype (float64 here).
+def matrix_first(x: torch.Tensor) -> torch.Tensor:
+    """(…, n, n) → (n, n, …), contiguous: the tokens become the innermost axis, so the row and column sums of
+    the small matrices are vectorised loops over tokens (5× faster on CPU than summing 4 contiguous floats)."""
+    return x.movedim((-2, -1), (0, 1)).contiguous()
 
-    The matrix is the Jacobian of the scaling equations (row = P1, col = Pᵀ1) and, at the fixed point,
-    the adjoint system of the implicit backward. It is singular along v, which changes neither the
-    Newton step's effect nor the gradient; vvᵀ removes that null direction and the ridge keeps
-    near-permutation P, whose extra null directions meet only zero entries of P, solvable.
+
+def matrix_last(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The inverse of ``matrix_first``, cast to ``dtype`` in the same copy."""
+    return x.movedim((0, 1), (-2, -1)).to(dtype, memory_format=torch.contiguous_format)
+
+
+def sinkhorn_newton(p: torch.Tensor, steps: int, max_step: float = 2.0) -> torch.Tensor:
+    """Newton's method for the scalings of P (n, n, …) (``matrix_first`` layout): diag(e^f) P diag(e^g) with
+    unit row and column sums, in float64.
+
+    Each step solves the scaling Jacobian for (f, g) (``_scaling_solve``), rescales P by e^f, e^g — steps
+    clipped to ±``max_step``, damping far from the solution (e.g. at |θ| ~ 1e4) — and ends with an exact
+    column normalisation; only the 2n scalings see an exp, P never leaves the probability domain. On CPU in
+    eager mode the polish stops once the row error is within ``early_exit_tolerance`` (float64 rounding: a
+    float32 result is then doubly stochastic to its own rounding, which keeps converted models' equal streams
+    equal over many sites).
     """
-    n = p.shape[-1]
-    top = torch.cat([torch.diag_embed(row), p], dim=-1)
-    bottom = torch.cat([p.transpose(-1, -2), torch.diag_embed(col)], dim=-1)
-    v = torch.cat([torch.ones(n), -torch.ones(n)]).to(p)
-    return torch.cat([top, bottom], dim=-2) + torch.outer(v, v) + 1e-9 * torch.eye(2 * n).to(p)
-
-
-def sinkhorn_newton(log_p: torch.Tensor, steps: int, max_step: float = 2.0) -> torch.Tensor:
-    """Newton's method for log P + f1ᵀ + 1gᵀ with unit row and column sums, in float64.
-
-    Each step solves the scaling Jacobian for (f, g); steps are clipped to ±``max_step`` (damping far from
-    the solution, e.g. at |θ| ~ 1e4) and each ends with an exact column normalisation. On CPU in eager mode
-    the polish stops once the row error is within ``early_exit_tolerance`` (float64 rounding).
-    """
-    log_p64 = log_p.double()
-    tol = early_exit_tolerance(log_p64)
+    p = p.double()
+    tol = early_exit_tolerance(p)
     for _ in range(steps):
-        p = log_p64.exp()
-        row, col = p.sum(-1), p.sum(-2)
+        row, col = p.sum(1), p.sum(0)
         if tol is not None and (row - 1).abs().max() <= tol:
             break
-        f, g = _newton_step(p, row, col)
-        log_p64 = log_p64 + f.clamp(-max_step, max_step).unsqueeze(-1) + g.clamp(-max_step, max_step).unsqueeze(-2)
-        log_p64 = torch.log_softmax(log_p64, dim=-2)
-    return log_p64.to(log_p.dtype)
+        f, g = _scaling_solve(p, row, col, 1 - row, 1 - col)
+        p = p * f.clamp(-max_step, max_step).exp().unsqueeze(1) * g.clamp(-max_step, max_step).exp().unsqueeze(0)
+        p = p / p.sum(0, keepdim=True)
+    return p
 
 
-def _newton_step(p: torch.Tensor, row: torch.Tensor, col: torch.Tensor, ridge: float = 1e-9):
-    """(f, g) solving [[diag(row), P], [Pᵀ, diag(col)]] + ridge·I against −(row − 1, col − 1) — the scaling
-    Jacobian of ``_scaling_system`` — through its n×n Schur complement, half the size of the 2n×2n system:
+def _scaling_solve(p, row, col, rhs_row, rhs_col, ridge: float = 1e-9):
+    """(f, g) solving the scaling Jacobian J (f; g) = (rhs_row; rhs_col), J = [[diag(row), P], [Pᵀ, diag(col)]]
+    + ridge·I — the Jacobian of the scaling equations row = P1, col = Pᵀ1, and at the fixed point (row = col = 1)
+    the adjoint system of the implicit backward — through its n×n Schur complement:
 
-        S f = (1 − row) + P D⁻¹ (col − 1),   S = diag(row) + ridge − P D⁻¹ Pᵀ + 11ᵀ,   g = D⁻¹ (1 − col − Pᵀ f)
+        S f = rhs_row − P D⁻¹ rhs_col,   S = diag(row) + ridge − P D⁻¹ Pᵀ + 11ᵀ,   g = D⁻¹ (rhs_col − Pᵀ f)
 
-    with D = diag(col) + ridge. The Jacobian is singular along (1, −1): shifting f by t and g by −t leaves P
-    unchanged, and the 11ᵀ term picks the solution with Σ f = 0. Products are broadcast sums (n ≤ 8).
+    with D = diag(col) + ridge. J is singular along (1, −1) (shifting f by t and g by −t leaves P unchanged),
+    to which both right-hand sides here are orthogonal; the 11ᵀ term picks the solution with Σ f = 0, and the
+    ridge keeps near-permutation P, whose extra null directions meet only zero entries of P, solvable.
+    P is (n, n, …) (``matrix_first``), the vectors (n, …); the products are broadcast sums over the small
+    axes, vectorised over the tokens.
     """
+    n = p.shape[0]
     inv_col = 1 / (col + ridge)
-    p_scaled = p * inv_col.unsqueeze(-2)  # P D⁻¹
-    schur = torch.diag_embed(row + ridge) - (p_scaled.unsqueeze(-2) * p.unsqueeze(-3)).sum(-1) + 1.0
-    rhs = (1 - row) + (p_scaled * (col - 1).unsqueeze(-2)).sum(-1)
-    f = solve_small(schur, rhs.unsqueeze(-1)).squeeze(-1)
-    g = inv_col * ((1 - col) - (p * f.unsqueeze(-1)).sum(-2))
+    p_scaled = p * inv_col.unsqueeze(0)  # P D⁻¹
+    eye = torch.eye(n, dtype=p.dtype, device=p.device).view(n, n, *[1] * (p.dim() - 2))
+    schur = eye * (row + ridge).unsqueeze(1) - (p_scaled.unsqueeze(1) * p.unsqueeze(0)).sum(2) + 1.0
+    rhs = rhs_row - (p_scaled * rhs_col.unsqueeze(0)).sum(1)
+    f = solve_small(schur.movedim((0, 1), (-2, -1)), rhs.movedim(0, -1).unsqueeze(-1)).squeeze(-1).movedim(-1, 0)
+    g = inv_col * (rhs_col - (p * f.unsqueeze(1)).sum(0))
     return f, g
 
 
@@ -270,7 +272,7 @@ class SinkhornImplicitFunction(torch.autograd.Function):
 
         [[I, P], [Pᵀ, I]] [a; b] = [(G⊙P)1; (G⊙P)ᵀ1],      ∂L/∂θ = P ⊙ (G − a1ᵀ − 1bᵀ).
 
-    The system (``_scaling_system``) is singular along (1, −1), to which the right-hand side is
+    The system (``_scaling_solve``) is singular along (1, −1), to which the right-hand side is
     orthogonal. Exact for the converged map, which the Newton polish in the forward provides.
     """
 
@@ -288,14 +290,12 @@ class SinkhornImplicitFunction(torch.autograd.Function):
 
 def sinkhorn_implicit_grad(p: torch.Tensor, grad_p: torch.Tensor) -> torch.Tensor:
     """∂L/∂θ of the Sinkhorn fixed point from P and G = ∂L/∂P (see ``SinkhornImplicitFunction``)."""
-    n = p.shape[-1]
-    p64, g64 = p.double(), grad_p.double()
+    p64 = matrix_first(p).double()
+    g64 = matrix_first(grad_p).double()
     gp = g64 * p64
-    rhs = torch.cat([gp.sum(-1), gp.sum(-2)], dim=-1).unsqueeze(-1)  # (…, 2n, 1)
-    ones = torch.ones(p.shape[:-1], dtype=torch.float64, device=p.device)
-    ab = solve_small(_scaling_system(p64, ones, ones), rhs).squeeze(-1)
-    a, b = ab[..., :n], ab[..., n:]
-    return (p64 * (g64 - a.unsqueeze(-1) - b.unsqueeze(-2))).to(p.dtype)
+    ones = torch.ones_like(p64[0])
+    a, b = _scaling_solve(p64, ones, ones, gp.sum(1), gp.sum(0))
+    return matrix_last(p64 * (g64 - a.unsqueeze(1) - b.unsqueeze(0)), p.dtype)
 
 
 class SinkhornMixer(Mixer):

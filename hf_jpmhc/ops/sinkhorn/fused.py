@@ -3,8 +3,8 @@
 What is fused: all ``iters`` rounds of ``log P ← log P − lse_rows; log P ← log P − lse_cols`` for a block of
 BLOCK_B matrices (n ≤ 8, padded to a power of two) stay in registers — θ is read once and log P written
 once, instead of 2·iters passes through memory. What is not: the Newton polish (``mixers.sinkhorn_newton``,
-a batched 2n×2n float64 solve) and the implicit backward (``mixers.sinkhorn_implicit_grad``, the adjoint
-solve of SPEC §2) are the torch code of ``mixers.py``, called unchanged. Saved for backward: P only, so the
+batched n×n float64 solves) and the implicit backward (``mixers.sinkhorn_implicit_grad``, the adjoint solve
+of SPEC §2) are the torch code of ``mixers.py``, called unchanged. Saved for backward: P only, so the
 memory does not depend on ``iters``.
 """
 
@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from .._backend import next_pow2
-from .naive import sinkhorn_implicit_grad, sinkhorn_newton
+from .naive import matrix_first, matrix_last, sinkhorn_implicit_grad, sinkhorn_newton
 
 BLOCK_B = 16
 
@@ -55,10 +55,8 @@ class SinkhornTritonFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, theta: torch.Tensor, iters: int, newton_steps: int) -> torch.Tensor:
-        log_p = sinkhorn_rounds_triton(theta, iters)
-        if newton_steps:
-            log_p = sinkhorn_newton(log_p, newton_steps)
-        p = log_p.exp().to(theta.dtype)
+        p = matrix_first(sinkhorn_rounds_triton(theta, iters).double().exp())
+        p = matrix_last(sinkhorn_newton(p, newton_steps), theta.dtype)
         ctx.save_for_backward(p)
         return p
 
