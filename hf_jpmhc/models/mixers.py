@@ -165,8 +165,9 @@ class UnconstrainedMixer(Mixer):
 def early_exit_tolerance(tensor: torch.Tensor) -> float | None:
     """The row error below which the Sinkhorn rounds and Newton steps may stop (columns are exact after each
     column normalisation): 8 ulp of 1 in the tensor's dtype (1e-6 in float32, 2e-15 in the float64 polish), i.e.
-    converged to float rounding. Only in eager mode on CPU, where reading the residual on the host is a cheap sync — None (never stop early) under ``torch.compile``, on an accelerator,
-    or while autograd records the loop (the unrolled backward differentiates all ``iters`` rounds)."""
+    converged to float rounding. Only in eager mode on CPU, where reading the residual on the host is a cheap
+    sync — None (never stop early) under ``torch.compile``, on an accelerator, or while autograd records the
+    loop (the unrolled backward differentiates all ``iters`` rounds)."""
     recording = tensor.requires_grad and torch.is_grad_enabled()
     if tensor.device.type != "cpu" or torch.compiler.is_compiling() or recording:
         return None
