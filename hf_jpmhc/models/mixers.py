@@ -64,11 +64,15 @@ def solve_small(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     if not torch.compiler.is_compiling():
         return torch.linalg.solve_ex(a, b).result
     m = a.shape[-1]
-    rows = list(torch.cat([a, b], dim=-1).unbind(-2))  # the augmented rows [a | b]
+    a_rows, b_rows = list(a.unbind(-2)), list(b.unbind(-2))  # the rows of [a | b], kept apart (no copy into one)
     for k in range(m):
-        rows[k] = rows[k] / rows[k][..., k : k + 1]
-        rows = [row if i == k else row - row[..., k : k + 1] * rows[k] for i, row in enumerate(rows)]
-    return torch.stack(rows, dim=-2)[..., m:]
+        pivot = a_rows[k][..., k : k + 1]
+        a_rows[k], b_rows[k] = a_rows[k] / pivot, b_rows[k] / pivot
+        for i in range(m):
+            if i != k:
+                factor = a_rows[i][..., k : k + 1]
+                a_rows[i], b_rows[i] = a_rows[i] - factor * a_rows[k], b_rows[i] - factor * b_rows[k]
+    return torch.stack(b_rows, dim=-2)
 
 
 def cayley(skew: torch.Tensor) -> torch.Tensor:
