@@ -486,21 +486,23 @@ class StreamCollapse(nn.Module):
     def split_sizes(self) -> tuple[int, int, int]:
         return (self.num_streams, 0, 0)  # only "pre"-type read weights, σ(·) + eps
 
+    def _read_args(self, streams: torch.Tensor) -> tuple:
+        """The arguments of ``dynamic_coefficients`` / ``read_streams`` for this head: one α for every weight."""
+        return streams, self.phi, self.alpha.expand(3), self.bias, self.split_sizes, self.pre_eps, self.norm_eps
+
     def weights(self, streams: torch.Tensor) -> torch.Tensor:
         """w (…, n) in float32."""
         if self.phi is None:
             return streams.new_full((self.num_streams,), 1 / self.num_streams, dtype=torch.float32)
         ops = _fused_ops(self.kernel_backend, streams)
-        args = (streams, self.phi, self.alpha.expand(3), self.bias, self.split_sizes, self.pre_eps, self.norm_eps)
         if ops is not None:
-            return ops.hc_coefficients(*args, kernel_backend="triton")[0]
-        return dynamic_coefficients(*args)[0]
+            return ops.hc_coefficients(*self._read_args(streams), kernel_backend="triton")[0]
+        return dynamic_coefficients(*self._read_args(streams))[0]
 
     def forward(self, streams: torch.Tensor) -> torch.Tensor:
         ops = _fused_ops(self.kernel_backend, streams)
         if ops is None and self.phi is not None and not torch.is_grad_enabled():  # inference: one (compiled) read
-            args = (streams, self.phi, self.alpha.expand(3), self.bias, self.split_sizes, self.pre_eps, self.norm_eps)
-            return maybe_compiled(read_streams, self.kernel_backend == "compiled")(*args)[0]
+            return maybe_compiled(read_streams, self.kernel_backend == "compiled")(*self._read_args(streams))[0]
         weights = self.weights(streams)
         if ops is not None:
             return ops.collapse_streams(streams, weights, kernel_backend="triton")
