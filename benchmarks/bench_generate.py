@@ -8,7 +8,7 @@ per-token hyper-connection work. Target: ratio ≤ 1.15×.
 ``generate`` compiles the decoding forward (``CompileConfig``; on CPU it must be allowed explicitly). The
 first round, excluded from the medians, includes compilation (≈ 0.5–2 min per model on one core).
 
-    python benchmarks/bench_generate.py [--repeats 5] [--new-tokens 64] [--threads 1] [--compile]
+    python benchmarks/bench_generate.py [--repeats 5] [--new-tokens 64] [--threads 1] [--compile] [--mixers …]
 """
 
 from __future__ import annotations
@@ -47,11 +47,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
                         help="intra-op threads; 1 avoids OpenMP barrier stalls on an oversubscribed machine")  # fmt: skip
     parser.add_argument("--compile", action="store_true", help="static cache + compiled decoding, every model alike")
+    parser.add_argument("--mixers", nargs="+", default=["stiefel", "sinkhorn", "kronecker"])
     parser.add_argument("--backends", nargs="+", default=["torch", "compiled"], help="JPmHC kernel_backend values")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     runs = {"llama": generate_fn(llama(), args.new_tokens, args.compile)}
-    for mixer in ("stiefel", "sinkhorn", "kronecker"):
+    for mixer in args.mixers:
         for backend in args.backends:
             runs[f"jpmhc n=4 {mixer} {backend}"] = generate_fn(jpmhc(mixer, kernel_backend=backend), args.new_tokens,
                                                                args.compile)  # fmt: skip

@@ -190,6 +190,25 @@ def test_sinkhorn_implicit_matches_unrolled(n, scale):
     torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("scale", [0.05, 4.0], ids=["near-identity", "far"])
+def test_compiled_sinkhorn_polish_stops_where_eager_does(scale):
+    """Under torch.compile on CPU the Newton polish tests convergence every NEWTON_CHECKPOINT steps through
+    torch.cond: near the identity it stops at the first checkpoint, far from it (θ = 4I + 4·N, where 2 steps
+    leave a row error ≫ 1e-15) it takes the branch with the remaining steps. Both equal the eager polish,
+    which stops after any step, to float64 rounding, and are doubly stochastic to it."""
+    from hf_jpmhc.models.mixers import NEWTON_CHECKPOINT, sinkhorn_iterate
+
+    generator = torch.Generator().manual_seed(0)
+    theta = 4 * torch.eye(4, dtype=torch.float64) + scale * torch.randn(64, 4, 4, generator=generator, dtype=torch.float64)
+    two_steps = sinkhorn_iterate(theta, 20, 0.0, NEWTON_CHECKPOINT)
+    assert ((two_steps.sum(-1) - 1).abs().max() > 1e-12) == (scale > 1), "the test no longer reaches both branches"
+    compiled = torch.compile(sinkhorn_iterate, backend="aot_eager", fullgraph=True)
+    with torch.inference_mode():
+        h = compiled(theta, 20, 0.0, 8)
+    torch.testing.assert_close(h, sinkhorn_iterate(theta, 20, 0.0, 8), rtol=0, atol=1e-14)
+    torch.testing.assert_close(h.sum(-1), torch.ones(64, 4, dtype=torch.float64), rtol=0, atol=1e-14)
+
+
 def skew_norm_logits(n: int, norm: float) -> torch.Tensor:
     """Stiefel logits θ (8, n(n−1)/2) whose skew A = θ − θᵀ has ‖A‖₂ = ``norm`` in every batch entry."""
     mixer = build_mixer("stiefel", n)

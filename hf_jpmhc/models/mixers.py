@@ -166,14 +166,15 @@ class UnconstrainedMixer(Mixer):
 # ----------------------------------------------------------------------------------------------------
 
 
-def early_exit_tolerance(tensor: torch.Tensor) -> float | None:
+def early_exit_tolerance(tensor: torch.Tensor, compiled: bool = False) -> float | None:
     """The row error below which the Sinkhorn rounds and Newton steps may stop (columns are exact after each
     column normalisation): 8 ulp of 1 in the tensor's dtype (1e-6 in float32, 2e-15 in the float64 polish), i.e.
-    converged to float rounding. Only in eager mode on CPU, where reading the residual on the host is a cheap
-    sync — None (never stop early) under ``torch.compile``, on an accelerator, or while autograd records the
-    loop (the unrolled backward differentiates all ``iters`` rounds)."""
+    converged to float rounding. Only on CPU, where reading the residual on the host is a cheap sync, and not
+    while autograd records the loop (the unrolled backward differentiates every step). In eager mode the loops
+    test it with a Python ``break``; under ``torch.compile`` only where the caller can test it in the graph
+    (``compiled=True``: the polish's ``torch.cond`` checkpoints) — otherwise None, never stop early."""
     recording = tensor.requires_grad and torch.is_grad_enabled()
-    if tensor.device.type != "cpu" or torch.compiler.is_compiling() or recording:
+    if tensor.device.type != "cpu" or recording or (torch.compiler.is_compiling() and not compiled):
         return None
     return 8 * torch.finfo(tensor.dtype).eps
 
@@ -222,51 +223,65 @@ def matrix_last(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return x.movedim((0, 1), (-2, -1)).to(dtype, memory_format=torch.contiguous_format)
 
 
-def sinkhorn_newton(p: torch.Tensor, steps: int, max_step: float = 2.0) -> torch.Tensor:
-    """Newton's method for the scalings of P (n, n, …) (``matrix_first`` layout): diag(e^f) P diag(e^g) with
-    unit row and column sums, in float64.
+NEWTON_CHECKPOINT = 2  # compiled polish: test convergence every this many steps (2 suffice near the identity)
 
-    Each step solves the scaling Jacobian for (f, g) (``_scaling_solve``), rescales P by e^f, e^g — steps
-    clipped to ±``max_step``, damping far from the solution (e.g. at |θ| ~ 1e4) — and ends with an exact
-    column normalisation; only the 2n scalings see an exp, P never leaves the probability domain. On CPU in
-    eager mode the polish stops once the row error is within ``early_exit_tolerance`` (float64 rounding: a
-    float32 result is then doubly stochastic to its own rounding, which keeps converted models' equal streams
-    equal over many sites).
+
+def sinkhorn_newton(p: torch.Tensor, steps: int, max_step: float = 2.0) -> torch.Tensor:
+    """Newton's method for the scalings of P (n, n, …) (``matrix_first`` layout, columns summing to 1, as the
+    Sinkhorn rounds leave them): diag(e^f) P diag(e^g) with unit row and column sums, in float64.
+
+    Each step solves the scaling Jacobian for the row scaling f (``_scaling_solve`` with ∂col = 0: the
+    columns are exact), rescales the rows by e^f — clipped to ±``max_step``, damping far from the solution
+    (e.g. at |θ| ~ 1e4) — and normalises the columns exactly, which is the column half of the Newton step
+    (the column scaling e^g would cancel in that normalisation, so it is never formed). Only the n row
+    scalings see an exp, P never leaves the probability domain.
+
+    On CPU the polish stops once the row error is within ``early_exit_tolerance`` (float64 rounding: a float32
+    result is then doubly stochastic to its own rounding, which keeps converted models' equal streams equal
+    over many sites): after any step in eager mode, and under ``torch.compile`` every ``NEWTON_CHECKPOINT``
+    steps, through ``torch.cond`` — compiled decoding would otherwise run all ``steps`` for every token and site,
+    each step a handful of tiny buffers.
     """
     p = p.double()
+    if torch.compiler.is_compiling() and steps > NEWTON_CHECKPOINT:
+        tol = early_exit_tolerance(p, compiled=True)
+        if tol is not None:
+            p = sinkhorn_newton(p, NEWTON_CHECKPOINT, max_step)
+            converged = (p.sum(1) - 1).abs().max() <= tol
+            rest = lambda q: sinkhorn_newton(q, steps - NEWTON_CHECKPOINT, max_step)  # noqa: E731
+            return torch.cond(converged, torch.clone, rest, (p,))
     tol = early_exit_tolerance(p)
     for _ in range(steps):
-        row, col = p.sum(1), p.sum(0)
+        row = p.sum(1)
         if tol is not None and (row - 1).abs().max() <= tol:
             break
-        f, g = _scaling_solve(p, row, col, 1 - row, 1 - col)
-        p = p * f.clamp(-max_step, max_step).exp().unsqueeze(1) * g.clamp(-max_step, max_step).exp().unsqueeze(0)
+        f = _scaling_solve(p, row, 1 - row)
+        p = p * f.clamp(-max_step, max_step).exp().unsqueeze(1)
         p = p / p.sum(0, keepdim=True)
     return p
 
 
-def _scaling_solve(p, row, col, rhs_row, rhs_col, ridge: float = 1e-9):
-    """(f, g) solving the scaling Jacobian J (f; g) = (rhs_row; rhs_col), J = [[diag(row), P], [Pᵀ, diag(col)]]
-    + ridge·I — the Jacobian of the scaling equations row = P1, col = Pᵀ1, and at the fixed point (row = col = 1)
-    the adjoint system of the implicit backward — through its n×n Schur complement:
+SCALING_RIDGE = 1e-9  # keeps the scaling Jacobian of near-permutation P solvable (``_scaling_solve``)
 
-        S f = rhs_row − P D⁻¹ rhs_col,   S = diag(row) + ridge − P D⁻¹ Pᵀ + 11ᵀ,   g = D⁻¹ (rhs_col − Pᵀ f)
 
-    with D = diag(col) + ridge. J is singular along (1, −1) (shifting f by t and g by −t leaves P unchanged),
-    to which both right-hand sides here are orthogonal; the 11ᵀ term picks the solution with Σ f = 0, and the
-    ridge keeps near-permutation P, whose extra null directions meet only zero entries of P, solvable.
-    P is (n, n, …) (``matrix_first``), the vectors (n, …); the products are broadcast sums over the small
-    axes, vectorised over the tokens.
+def _scaling_solve(p, row, rhs_row, rhs_col=None, ridge: float = SCALING_RIDGE):
+    """f solving the scaling Jacobian J (f; g) = (rhs_row; rhs_col) (rhs_col = 0 if None) for P (n, n, …)
+    (``matrix_first``) with unit column sums, J = [[diag(row), P], [Pᵀ, I]] + ridge·I — the Jacobian of the
+    scaling equations row = P1, col = Pᵀ1 at col = 1, and at the fixed point (row = 1) the adjoint system of the
+    implicit backward — through its n×n Schur complement:
+
+        S f = rhs_row − P rhs_col / d,   S = diag(row) + ridge − P Pᵀ / d + 11ᵀ,   d = 1 + ridge,
+
+    and then g = (rhs_col − Pᵀ f) / d. J is singular along (1, −1) (shifting f by t and g by −t leaves P
+    unchanged), to which both right-hand sides here are orthogonal; the 11ᵀ term picks the solution with Σ f =
+    0, and the ridge keeps near-permutation P, whose extra null directions meet only zero entries of P,
+    solvable. The products are broadcast sums over the small axes, vectorised over the tokens.
     """
-    n = p.shape[0]
-    inv_col = 1 / (col + ridge)
-    p_scaled = p * inv_col.unsqueeze(0)  # P D⁻¹
+    n, d = p.shape[0], 1 + ridge
     eye = torch.eye(n, dtype=p.dtype, device=p.device).view(n, n, *[1] * (p.dim() - 2))
-    schur = eye * (row + ridge).unsqueeze(1) - (p_scaled.unsqueeze(1) * p.unsqueeze(0)).sum(2) + 1.0
-    rhs = rhs_row - (p_scaled * rhs_col.unsqueeze(0)).sum(1)
-    f = solve_small(schur.movedim((0, 1), (-2, -1)), rhs.movedim(0, -1).unsqueeze(-1)).squeeze(-1).movedim(-1, 0)
-    g = inv_col * (rhs_col - (p * f.unsqueeze(1)).sum(0))
-    return f, g
+    schur = eye * (row + ridge).unsqueeze(1) - (p.unsqueeze(1) * p.unsqueeze(0)).sum(2) / d + 1.0
+    rhs = rhs_row if rhs_col is None else rhs_row - (p * rhs_col.unsqueeze(0)).sum(1) / d
+    return solve_small(schur.movedim((0, 1), (-2, -1)), rhs.movedim(0, -1).unsqueeze(-1)).squeeze(-1).movedim(-1, 0)
 
 
 class SinkhornImplicitFunction(torch.autograd.Function):
@@ -298,8 +313,9 @@ def sinkhorn_implicit_grad(p: torch.Tensor, grad_p: torch.Tensor) -> torch.Tenso
     p64 = matrix_first(p).double()
     g64 = matrix_first(grad_p).double()
     gp = g64 * p64
-    ones = torch.ones_like(p64[0])
-    a, b = _scaling_solve(p64, ones, ones, gp.sum(1), gp.sum(0))
+    gp_col = gp.sum(0)
+    a = _scaling_solve(p64, torch.ones_like(gp_col), gp.sum(1), gp_col)
+    b = (gp_col - (p64 * a.unsqueeze(1)).sum(0)) / (1 + SCALING_RIDGE)
     return matrix_last(p64 * (g64 - a.unsqueeze(1) - b.unsqueeze(0)), p.dtype)
 
 
