@@ -195,14 +195,15 @@ def test_compiled_sinkhorn_polish_stops_where_eager_does(scale):
     """Under torch.compile on CPU the Newton polish tests convergence every NEWTON_CHECKPOINT steps through
     torch.cond: near the identity it stops at the first checkpoint, far from it (θ = 4I + 4·N, where 2 steps
     leave a row error ≫ 1e-15) it takes the branch with the remaining steps. Both equal the eager polish,
-    which stops after any step, to float64 rounding, and are doubly stochastic to it."""
+    which stops after any step, to float64 rounding, and are doubly stochastic to it. Compiled with
+    dynamic=True, where dynamo makes floats read from defaults or globals symbolic and torch.cond rejects them."""
     from hf_jpmhc.models.mixers import NEWTON_CHECKPOINT, sinkhorn_iterate
 
     generator = torch.Generator().manual_seed(0)
     theta = 4 * torch.eye(4, dtype=torch.float64) + scale * torch.randn(64, 4, 4, generator=generator, dtype=torch.float64)
     two_steps = sinkhorn_iterate(theta, 20, 0.0, NEWTON_CHECKPOINT)
     assert ((two_steps.sum(-1) - 1).abs().max() > 1e-12) == (scale > 1), "the test no longer reaches both branches"
-    compiled = torch.compile(sinkhorn_iterate, backend="aot_eager", fullgraph=True)
+    compiled = torch.compile(sinkhorn_iterate, backend="aot_eager", fullgraph=True, dynamic=True)
     with torch.inference_mode():
         h = compiled(theta, 20, 0.0, 8)
     torch.testing.assert_close(h, sinkhorn_iterate(theta, 20, 0.0, 8), rtol=0, atol=1e-14)

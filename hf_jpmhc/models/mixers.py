@@ -226,62 +226,72 @@ def matrix_last(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 NEWTON_CHECKPOINT = 2  # compiled polish: test convergence every this many steps (2 suffice near the identity)
 
 
-def sinkhorn_newton(p: torch.Tensor, steps: int, max_step: float = 2.0) -> torch.Tensor:
-    """Newton's method for the scalings of P (n, n, …) (``matrix_first`` layout, columns summing to 1, as the
-    Sinkhorn rounds leave them): diag(e^f) P diag(e^g) with unit row and column sums, in float64.
+def sinkhorn_newton(p: torch.Tensor, steps: int) -> torch.Tensor:
+    """Newton's method for the scalings of P (n, n, …) (``matrix_first`` layout): diag(e^f) P diag(e^g) with
+    unit row and column sums, in float64.
 
-    Each step solves the scaling Jacobian for the row scaling f (``_scaling_solve`` with ∂col = 0: the
-    columns are exact), rescales the rows by e^f — clipped to ±``max_step``, damping far from the solution
-    (e.g. at |θ| ~ 1e4) — and normalises the columns exactly, which is the column half of the Newton step
-    (the column scaling e^g would cancel in that normalisation, so it is never formed). Only the n row
-    scalings see an exp, P never leaves the probability domain.
+    The columns are normalised first, in float64 (the rounds may have stopped at float32 rounding). Each step
+    then solves the scaling Jacobian for the row scaling f (``_scaling_solve`` with ∂col = 0: the columns are
+    exact), rescales the rows by e^f — clipped to ±2, damping far from the solution (e.g. at |θ| ~ 1e4) — and
+    normalises the columns exactly, which is the column half of the Newton step (the column scaling e^g would
+    cancel in that normalisation, so it is never applied). Only the n row scalings see an exp, P never leaves
+    the probability domain.
 
     On CPU the polish stops once the row error is within ``early_exit_tolerance`` (float64 rounding: a float32
     result is then doubly stochastic to its own rounding, which keeps converted models' equal streams equal
     over many sites): after any step in eager mode, and under ``torch.compile`` every ``NEWTON_CHECKPOINT``
-    steps, through ``torch.cond`` — compiled decoding would otherwise run all ``steps`` for every token and site,
-    each step a handful of tiny buffers.
+    steps, through ``torch.cond`` — compiled decoding would otherwise run all ``steps`` for every token and
+    site, each step a handful of tiny buffers.
     """
     p = p.double()
+    return _newton_steps(p / p.sum(0, keepdim=True), steps) if steps else p
+
+
+def _newton_steps(p: torch.Tensor, steps: int) -> torch.Tensor:
+    """``steps`` polish steps on P (float64, unit column sums), with the early exit of ``sinkhorn_newton``.
+
+    The constants here and in ``_scaling_solve`` are literals, not defaults or module globals: under
+    ``torch.compile(dynamic=True)`` dynamo lifts those to symbolic floats, which ``torch.cond`` branches reject.
+    """
     if torch.compiler.is_compiling() and steps > NEWTON_CHECKPOINT:
         tol = early_exit_tolerance(p, compiled=True)
         if tol is not None:
-            p = sinkhorn_newton(p, NEWTON_CHECKPOINT, max_step)
+            p = _newton_steps(p, NEWTON_CHECKPOINT)
             converged = (p.sum(1) - 1).abs().max() <= tol
-            rest = lambda q: sinkhorn_newton(q, steps - NEWTON_CHECKPOINT, max_step)  # noqa: E731
+            rest = lambda q: _newton_steps(q, steps - NEWTON_CHECKPOINT)  # noqa: E731
             return torch.cond(converged, torch.clone, rest, (p,))
     tol = early_exit_tolerance(p)
     for _ in range(steps):
         row = p.sum(1)
         if tol is not None and (row - 1).abs().max() <= tol:
             break
-        f = _scaling_solve(p, row, 1 - row)
-        p = p * f.clamp(-max_step, max_step).exp().unsqueeze(1)
+        f, _ = _scaling_solve(p, row, 1 - row)
+        p = p * f.clamp(-2.0, 2.0).exp().unsqueeze(1)
         p = p / p.sum(0, keepdim=True)
     return p
 
 
-SCALING_RIDGE = 1e-9  # keeps the scaling Jacobian of near-permutation P solvable (``_scaling_solve``)
+def _scaling_solve(p, row, rhs_row, rhs_col=None):
+    """(f, g) solving the scaling Jacobian J (f; g) = (rhs_row; rhs_col) for P (n, n, …) (``matrix_first``) with
+    unit column sums, J = [[diag(row), P], [Pᵀ, I]] + ρI — the Jacobian of the scaling equations row = P1,
+    col = Pᵀ1 at col = 1, and at the fixed point (row = 1) the adjoint system of the implicit backward —
+    through its n×n Schur complement (d = 1 + ρ):
 
+        S f = rhs_row − P rhs_col / d,   S = diag(row) + ρ − P Pᵀ / d + 11ᵀ,   g = (rhs_col − Pᵀ f) / d.
 
-def _scaling_solve(p, row, rhs_row, rhs_col=None, ridge: float = SCALING_RIDGE):
-    """f solving the scaling Jacobian J (f; g) = (rhs_row; rhs_col) (rhs_col = 0 if None) for P (n, n, …)
-    (``matrix_first``) with unit column sums, J = [[diag(row), P], [Pᵀ, I]] + ridge·I — the Jacobian of the
-    scaling equations row = P1, col = Pᵀ1 at col = 1, and at the fixed point (row = 1) the adjoint system of the
-    implicit backward — through its n×n Schur complement:
-
-        S f = rhs_row − P rhs_col / d,   S = diag(row) + ridge − P Pᵀ / d + 11ᵀ,   d = 1 + ridge,
-
-    and then g = (rhs_col − Pᵀ f) / d. J is singular along (1, −1) (shifting f by t and g by −t leaves P
-    unchanged), to which both right-hand sides here are orthogonal; the 11ᵀ term picks the solution with Σ f =
-    0, and the ridge keeps near-permutation P, whose extra null directions meet only zero entries of P,
-    solvable. The products are broadcast sums over the small axes, vectorised over the tokens.
+    rhs_col = None means 0, and then g is not formed (None). J is singular along (1, −1) (shifting f by t and
+    g by −t leaves P unchanged), to which both right-hand sides here are orthogonal; the 11ᵀ term picks the
+    solution with Σ f = 0, and the ridge ρ = 1e-9 keeps near-permutation P, whose extra null directions meet
+    only zero entries of P, solvable. The products are broadcast sums over the small axes, vectorised over the
+    tokens.
     """
-    n, d = p.shape[0], 1 + ridge
+    n, ridge = p.shape[0], 1e-9
+    d = 1 + ridge
     eye = torch.eye(n, dtype=p.dtype, device=p.device).view(n, n, *[1] * (p.dim() - 2))
     schur = eye * (row + ridge).unsqueeze(1) - (p.unsqueeze(1) * p.unsqueeze(0)).sum(2) / d + 1.0
     rhs = rhs_row if rhs_col is None else rhs_row - (p * rhs_col.unsqueeze(0)).sum(1) / d
-    return solve_small(schur.movedim((0, 1), (-2, -1)), rhs.movedim(0, -1).unsqueeze(-1)).squeeze(-1).movedim(-1, 0)
+    f = solve_small(schur.movedim((0, 1), (-2, -1)), rhs.movedim(0, -1).unsqueeze(-1)).squeeze(-1).movedim(-1, 0)
+    return f, None if rhs_col is None else (rhs_col - (p * f.unsqueeze(1)).sum(0)) / d
 
 
 class SinkhornImplicitFunction(torch.autograd.Function):
@@ -314,8 +324,7 @@ def sinkhorn_implicit_grad(p: torch.Tensor, grad_p: torch.Tensor) -> torch.Tenso
     g64 = matrix_first(grad_p).double()
     gp = g64 * p64
     gp_col = gp.sum(0)
-    a = _scaling_solve(p64, torch.ones_like(gp_col), gp.sum(1), gp_col)
-    b = (gp_col - (p64 * a.unsqueeze(1)).sum(0)) / (1 + SCALING_RIDGE)
+    a, b = _scaling_solve(p64, torch.ones_like(gp_col), gp.sum(1), gp_col)
     return matrix_last(p64 * (g64 - a.unsqueeze(1) - b.unsqueeze(0)), p.dtype)
 
 
