@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 
@@ -36,6 +37,14 @@ def resolve_backend(kernel_backend: str, tensor: torch.Tensor) -> str:
             f"got device {tensor.device}; use kernel_backend='torch' or 'auto'"
         )
     return "triton"
+
+
+def device_guard(tensor: torch.Tensor):
+    """Makes ``tensor``'s CUDA device current around a Triton launch: Triton launches on the current device and
+    its stream, not on the tensor's (layers on cuda:1 under ``device_map="auto"`` would otherwise run on
+    cuda:0). Forward launches only need it: autograd runs a CUDA backward on its device's own thread, with that
+    device current. A no-op off CUDA (the interpreter)."""
+    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
 
 
 def next_pow2(x: int, minimum: int = 1) -> int:

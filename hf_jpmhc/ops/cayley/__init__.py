@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .._backend import resolve_backend
+from .._backend import device_guard, resolve_backend
 from .naive import cayley_reference
 
 
@@ -13,7 +13,8 @@ def cayley(skew: torch.Tensor, iters: int = 12, kernel_backend: str = "auto") ->
     if resolve_backend(kernel_backend, skew) == "triton":
         from .fused import cayley_triton
 
-        return cayley_triton(skew, iters)
+        with device_guard(skew):
+            return cayley_triton(skew, iters)
     return cayley_reference(skew, iters)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .._backend import resolve_backend
+from .._backend import device_guard, resolve_backend
 from .naive import hc_coefficients_reference
 
 
@@ -18,7 +18,8 @@ def hc_coefficients(streams: torch.Tensor, phi: torch.Tensor, alpha: torch.Tenso
     if resolve_backend(kernel_backend, streams) == "triton":
         from .fused import hc_coefficients_triton
 
-        return hc_coefficients_triton(streams, phi, alpha, bias, split_sizes, pre_eps, norm_eps)
+        with device_guard(streams):
+            return hc_coefficients_triton(streams, phi, alpha, bias, split_sizes, pre_eps, norm_eps)
     return hc_coefficients_reference(streams, phi, alpha, bias, split_sizes, pre_eps, norm_eps)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .._backend import resolve_backend
+from .._backend import device_guard, resolve_backend
 from .naive import collapse_streams_reference
 
 
@@ -13,7 +13,8 @@ def collapse_streams(streams: torch.Tensor, weights: torch.Tensor, kernel_backen
     if resolve_backend(kernel_backend, streams) == "triton":
         from .fused import collapse_streams_triton
 
-        return collapse_streams_triton(streams, weights)
+        with device_guard(streams):
+            return collapse_streams_triton(streams, weights)
     return collapse_streams_reference(streams, weights)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .._backend import resolve_backend
+from .._backend import device_guard, resolve_backend
 from .naive import update_streams_reference
 
 
@@ -14,7 +14,8 @@ def update_streams(streams: torch.Tensor, mixer: torch.Tensor, post: torch.Tenso
     if resolve_backend(kernel_backend, streams) == "triton":
         from .fused import update_streams_triton
 
-        return update_streams_triton(streams, mixer, post, branch)
+        with device_guard(streams):
+            return update_streams_triton(streams, mixer, post, branch)
     return update_streams_reference(streams, mixer, post, branch)
 
 

@@ -92,6 +92,6 @@ def update_streams_triton(streams, mixer, post, branch):
     *lead, n, c = streams.shape
     mixer = mixer.float().expand(*lead, n, n).reshape(-1, n, n).contiguous()
     post = post.float().expand(*lead, n).reshape(-1, n).contiguous()
-    branch = branch.to(streams.dtype).expand(*lead, c).reshape(-1, c).contiguous()
+    branch = branch.expand(*lead, c).reshape(-1, c).contiguous()  # loaded in its own dtype, like the reference
     out = StreamUpdateFunction.apply(streams.reshape(-1, n, c).contiguous(), mixer, post, branch)
     return out.view(*lead, n, c)
