@@ -91,6 +91,23 @@ def test_coefficients_match_reference(lead, n, c, dtype):
     _assert_same(run("triton"), run("torch", up=True), dtype)
 
 
+def test_coefficients_backward_with_a_frozen_input():
+    """The backward skips the pass for a frozen Φ (LoRA, say) or frozen streams; the other gradient still equals
+    the reference's."""
+    n, c, split = 2, 24, (2, 2, 4)
+    streams, phi = torch.randn(2, 5, n, c), torch.randn(8, n * c) * 0.05
+    alpha, bias = torch.tensor([0.5, 0.3, 0.7]), torch.randn(8)
+    for trainable in ("streams", "phi"):
+        grads = {}
+        for backend in ("triton", "torch"):
+            x, p = streams.clone().requires_grad_(trainable == "streams"), phi.clone().requires_grad_(trainable == "phi")
+            pre, post, z_res = ops.hc_coefficients(x, p, alpha, bias, split, 0.0, 1e-6, kernel_backend=backend)
+            (pre.sum() + post.square().sum() + z_res.sin().sum()).backward()
+            grads[backend] = (x.grad, p.grad)
+        needed = 0 if trainable == "streams" else 1
+        torch.testing.assert_close(grads["triton"][needed], grads["torch"][needed], atol=2e-5, rtol=1e-5)
+
+
 # The padded rows of a block are −∞ by design; numpy (the interpreter) warns on their masked log(0).
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
 @pytest.mark.parametrize("n", [2, 4, 8])

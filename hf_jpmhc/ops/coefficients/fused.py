@@ -118,13 +118,17 @@ class CoefficientsFunction(torch.autograd.Function):
         grad_zlin = grad_z * scale  # (R, M)
         g = (grad_zlin * rstd[:, None]).contiguous()
         kappa = ((grad_zlin * zlin).sum(-1) * rstd.square() / k).contiguous()
-        grad_x, grad_phi = torch.empty_like(x), torch.empty_like(phi)
-        _coeff_dx_kernel[(triton.cdiv(rows, BLOCK_R), triton.cdiv(k, BLOCK_K))](
-            g, kappa, phi, x, grad_x, rows, k, m, BLOCK_R=BLOCK_R, BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K
-        )
-        _coeff_dphi_kernel[(triton.cdiv(m, BLOCK_M), triton.cdiv(k, BLOCK_K))](
-            g, x, grad_phi, rows, k, m, BLOCK_R=2 * BLOCK_R, BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K
-        )
+        grad_x = grad_phi = None  # each a full pass over X: skipped when not needed (a frozen Φ, say)
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.empty_like(x)
+            _coeff_dx_kernel[(triton.cdiv(rows, BLOCK_R), triton.cdiv(k, BLOCK_K))](
+                g, kappa, phi, x, grad_x, rows, k, m, BLOCK_R=BLOCK_R, BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K
+            )
+        if ctx.needs_input_grad[1]:
+            grad_phi = torch.empty_like(phi)
+            _coeff_dphi_kernel[(triton.cdiv(m, BLOCK_M), triton.cdiv(k, BLOCK_K))](
+                g, x, grad_phi, rows, k, m, BLOCK_R=2 * BLOCK_R, BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K
+            )
         return grad_x, grad_phi, grad_scale, grad_bias, None, None, None
 
 
