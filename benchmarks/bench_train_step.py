@@ -59,8 +59,8 @@ def train_step_fn(model: torch.nn.Module, compile_model: bool = False):
     return step
 
 
-def interleaved_medians(steps: dict, repeats: int, warmup: int = 1) -> dict[str, float]:
-    """Median wall time of each closure over ``repeats`` rounds, running every closure once per round."""
+def interleaved_times(steps: dict, repeats: int, warmup: int = 1) -> dict[str, list[float]]:
+    """Wall times of each closure over ``repeats`` rounds, running every closure once per round."""
     for step in steps.values():
         for _ in range(warmup):
             step()
@@ -70,14 +70,19 @@ def interleaved_medians(steps: dict, repeats: int, warmup: int = 1) -> dict[str,
             start = time.perf_counter()
             step()
             times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+    return times
 
 
-def print_table(title: str, medians: dict[str, float], baseline: str, unit: str = "s", target: str = "") -> None:
+def print_table(title: str, times: dict[str, list[float]], baseline: str, target: str = "") -> None:
+    """Median time and the ratio of medians to ``baseline``, plus the range of the per-round ratios (each round
+    runs every model back to back, so a round's ratio is a paired measurement; its spread shows the noise)."""
+    base = times[baseline]
     print(f"\n{title}")
-    print(f"{'model':<34} {'median ' + unit:>12} {'ratio':>8}")
-    for name, value in medians.items():
-        print(f"{name:<34} {value:>12.4f} {value / medians[baseline]:>7.3f}×")
+    print(f"{'model':<34} {'median s':>10} {'ratio':>8}   {'per-round ratios (min–max)':>26}")
+    for name, ts in times.items():
+        rounds = [t / b for t, b in zip(ts, base, strict=True)]
+        ratio = statistics.median(ts) / statistics.median(base)
+        print(f"{name:<34} {statistics.median(ts):>10.4f} {ratio:>7.3f}×   {min(rounds):>12.3f} – {max(rounds):.3f}")
     if target:
         print(target)
 
@@ -97,10 +102,10 @@ def main() -> None:
         for backend in args.backends:
             steps[f"jpmhc n=4 {mixer} {backend}"] = train_step_fn(jpmhc(mixer, kernel_backend=backend), args.compile)
     n_params = sum(p.numel() for p in llama().parameters())
-    medians = interleaved_medians(steps, args.repeats)
+    times = interleaved_times(steps, args.repeats)
     print_table(f"train step (fwd+bwd+AdamW), {n_params / 1e6:.1f}M-param Llama shape, batch {BATCH}, seq {SEQ}, "
                 f"{torch.get_num_threads()} threads, compile={args.compile}, {args.repeats} interleaved rounds",
-                medians, "llama", target="target: ratio ≤ 1.10×")  # fmt: skip
+                times, "llama", target="target: ratio ≤ 1.10×")  # fmt: skip
 
 
 if __name__ == "__main__":
