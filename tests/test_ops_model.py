@@ -136,7 +136,8 @@ def test_hyper_connection_rejects_unknown_backend():
 @pytest.mark.parametrize("use_compiled", [False, True], ids=["eager", "compiled"])
 def test_cpu_path_backwards_match_autograd_of_the_references(use_compiled):
     """HyperConnectionRead / StreamUpdate (hand-written backwards) equal autograd through the reference ops,
-    eager and with their per-token passes compiled by inductor (kernel_backend="compiled")."""
+    eager and with their per-token passes compiled by inductor (kernel_backend="compiled"); the read also as
+    the final StreamCollapse uses it (pre-type weights only, one α)."""
     from hf_jpmhc.models.hyper_connection import (
         HyperConnectionRead,
         StreamUpdate,
@@ -158,9 +159,17 @@ def test_cpu_path_backwards_match_autograd_of_the_references(use_compiled):
     def update(x, mixer, post, branch):
         return StreamUpdate.apply(x, mixer, post, branch, use_compiled)
 
+    def head_reference(x, phi, alpha, bias):
+        return collapse_streams(x, dynamic_coefficients(x, phi, alpha.expand(3), bias, (4, 0, 0), 0.01, 1e-6)[0])
+
+    def head_fused(x, phi, alpha, bias):
+        return HyperConnectionRead.apply(x, phi, alpha.expand(3), bias, (4, 0, 0), 0.01, 1e-6, use_compiled)[0]
+
+    head_inputs = [torch.randn(2, 3, 4, 5), torch.randn(4, 20), torch.rand(1), torch.randn(4)]
     # the static (n,) post and (n, n) mixer broadcast over tokens: their gradients sum over them
     update_inputs = [torch.randn(2, 3, 4, 5), torch.randn(4, 4), torch.rand(4), torch.randn(2, 3, 5)]
-    for fn_ref, fn_new, xs in [(reference, fused, inputs), (update_streams, update, update_inputs)]:
+    for fn_ref, fn_new, xs in [(reference, fused, inputs), (head_reference, head_fused, head_inputs),
+                               (update_streams, update, update_inputs)]:  # fmt: skip
         results = []
         for fn in (fn_ref, fn_new):
             leaves = [x.clone().requires_grad_(True) for x in xs]

@@ -501,8 +501,11 @@ class StreamCollapse(nn.Module):
 
     def forward(self, streams: torch.Tensor) -> torch.Tensor:
         ops = _fused_ops(self.kernel_backend, streams)
-        if ops is None and self.phi is not None and not torch.is_grad_enabled():  # inference: one (compiled) read
-            return maybe_compiled(read_streams, self.kernel_backend == "compiled")(*self._read_args(streams))[0]
+        if ops is None and self.phi is not None:  # the torch path: a hyper-connection read with pre-type weights only
+            use_compiled = self.kernel_backend == "compiled"
+            if not torch.is_grad_enabled():  # inference: one (compiled) read
+                return maybe_compiled(read_streams, use_compiled)(*self._read_args(streams))[0]
+            return HyperConnectionRead.apply(*self._read_args(streams), use_compiled)[0]
         weights = self.weights(streams)
         if ops is not None:
             return ops.collapse_streams(streams, weights, kernel_backend="triton")
