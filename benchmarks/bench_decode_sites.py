@@ -17,11 +17,10 @@ import statistics
 import time
 
 import torch
-from tqdm import tqdm
 from transformers import DynamicCache
 
 import hf_jpmhc.models.hyper_connection as hc
-from bench_train_step import jpmhc, llama
+from bench_train_step import interleaved_times, jpmhc, llama
 
 
 def decode_fn(model: torch.nn.Module, new_tokens: int):
@@ -98,12 +97,7 @@ def main() -> None:
 
     runs = {"llama": decode_fn(llama(), args.new_tokens), f"jpmhc {args.mixer}": decode_fn(model, args.new_tokens)}
     runs |= {f"without {name}": variant(name) for name in parts}
-    for run in runs.values():
-        run()  # warm-up
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    for _ in tqdm(range(args.repeats), desc="rounds"):
-        for name, run in runs.items():
-            times[name].append(run())
+    times = interleaved_times(runs, args.repeats)  # + a warm-up round
     medians = {name: statistics.median(ts) for name, ts in times.items()}
     full, tokens = medians[f"jpmhc {args.mixer}"], args.new_tokens
     print(f"\neager decoding, batch 1, {tokens} new tokens, JPmHC n=4 {args.mixer}, {args.repeats} interleaved rounds")

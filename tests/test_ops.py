@@ -92,8 +92,8 @@ def test_coefficients_match_reference(lead, n, c, dtype):
 
 
 def test_coefficients_backward_with_a_frozen_input():
-    """The backward skips the pass for a frozen Φ (LoRA, say) or frozen streams; the other gradient still equals
-    the reference's."""
+    """With Φ frozen (LoRA, say) or the streams frozen, the backward (which then skips that input's pass over X)
+    still gives the other input's gradient equal to the reference's."""
     n, c, split = 2, 24, (2, 2, 4)
     streams, phi = torch.randn(2, 5, n, c), torch.randn(8, n * c) * 0.05
     alpha, bias = torch.tensor([0.5, 0.3, 0.7]), torch.randn(8)

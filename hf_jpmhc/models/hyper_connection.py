@@ -231,6 +231,15 @@ class HyperConnectionRead(torch.autograd.Function):
         return grad_x.to(streams.dtype), grad_phi, grad_alpha, grad_bias, None, None, None, None
 
 
+def read_torch_path(args: tuple, use_compiled: bool, mixer: Mixer | None = None):
+    """The torch path's read of ``args`` (those of ``read_streams``): without autograd one ``read_streams`` call
+    (compiled with kernel_backend="compiled"), in training ``HyperConnectionRead`` and then the mixer."""
+    if not torch.is_grad_enabled():
+        return maybe_compiled(read_streams, use_compiled)(*args, mixer)
+    u, post, z_res = HyperConnectionRead.apply(*args, use_compiled)
+    return u, post, z_res if mixer is None else mixer(z_res)
+
+
 class StreamUpdate(torch.autograd.Function):
     """X' = Hᵀ X + post ⊗ f on the torch path: ``update_streams`` forward, ``stream_update_grads`` backward
     (no nC-wide temporaries, and the streams saved once)."""
@@ -366,10 +375,7 @@ class HyperConnection(nn.Module):
         ops = _fused_ops(self.kernel_backend, streams)
         if ops is None and self.phi is not None:  # the torch path
             args = (streams, self.phi, self.alpha, self.bias, self.split_sizes, self.pre_eps, self.norm_eps)
-            if not torch.is_grad_enabled():
-                return maybe_compiled(read_streams, self.use_compiled)(*args, self.mixer)
-            u, post, z_res = HyperConnectionRead.apply(*args, self.use_compiled)  # training: one Function
-            return u, post, self._mix(z_res, None)
+            return read_torch_path(args, self.use_compiled, self.mixer)
         pre, post, mixer = self.coefficients(streams)
         u = collapse_streams(streams, pre) if ops is None else ops.collapse_streams(streams, pre, kernel_backend="triton")
         return u, post, mixer
@@ -487,26 +493,17 @@ class StreamCollapse(nn.Module):
         return (self.num_streams, 0, 0)  # only "pre"-type read weights, σ(·) + eps
 
     def _read_args(self, streams: torch.Tensor) -> tuple:
-        """The arguments of ``dynamic_coefficients`` / ``read_streams`` for this head: one α for every weight."""
+        """The arguments of ``read_streams`` / ``hc_coefficients`` for this head: one α for every weight."""
         return streams, self.phi, self.alpha.expand(3), self.bias, self.split_sizes, self.pre_eps, self.norm_eps
-
-    def weights(self, streams: torch.Tensor) -> torch.Tensor:
-        """w (…, n) in float32."""
-        if self.phi is None:
-            return streams.new_full((self.num_streams,), 1 / self.num_streams, dtype=torch.float32)
-        ops = _fused_ops(self.kernel_backend, streams)
-        if ops is not None:
-            return ops.hc_coefficients(*self._read_args(streams), kernel_backend="triton")[0]
-        return dynamic_coefficients(*self._read_args(streams))[0]
 
     def forward(self, streams: torch.Tensor) -> torch.Tensor:
         ops = _fused_ops(self.kernel_backend, streams)
-        if ops is None and self.phi is not None:  # the torch path: a hyper-connection read with pre-type weights only
-            use_compiled = self.kernel_backend == "compiled"
-            if not torch.is_grad_enabled():  # inference: one (compiled) read
-                return maybe_compiled(read_streams, use_compiled)(*self._read_args(streams))[0]
-            return HyperConnectionRead.apply(*self._read_args(streams), use_compiled)[0]
-        weights = self.weights(streams)
+        if self.phi is None:  # the fixed mean
+            weights = streams.new_full((self.num_streams,), 1 / self.num_streams, dtype=torch.float32)
+        elif ops is None:  # the torch path: a hyper-connection read with pre-type weights only
+            return read_torch_path(self._read_args(streams), self.kernel_backend == "compiled")[0]
+        else:
+            weights = ops.hc_coefficients(*self._read_args(streams), kernel_backend="triton")[0]
         if ops is not None:
             return ops.collapse_streams(streams, weights, kernel_backend="triton")
         return collapse_streams(streams, weights)
