@@ -2,7 +2,8 @@
 
 Same Llama shape (≈21M parameters: hidden 512, 6 layers, vocab 4096), sequence 256, batch 8, float32 on CPU.
 The models run interleaved (one step of each per round) so that load on a shared machine hits all alike;
-the table reports the median step time and its ratio to Llama. Target (issue 5): ≤ 1.10×.
+the table reports the median step time, its ratio to Llama and the median of the per-round (paired)
+ratios. Target (issue 5): ≤ 1.10×.
 
 JPmHC runs with each ``--backends`` entry: ``torch`` (eager) and ``compiled`` (the CPU training path: the
 hyper-connections' per-token passes compiled by inductor, everything else eager; the warm-up step compiles).
@@ -60,30 +61,34 @@ def train_step_fn(model: torch.nn.Module, compile_model: bool = False):
 
 
 def interleaved_times(steps: dict, repeats: int, warmup: int = 1) -> dict[str, list[float]]:
-    """Wall times of each closure over ``repeats`` rounds, running every closure once per round; a closure that
-    times only part of its work returns that time in seconds (a float), which is used instead."""
+    """Wall times of each closure over ``repeats`` rounds, running every closure once per round, in reverse order
+    every other round (a model's place in the round moves its time: what runs before it leaves the caches and
+    the heap in a different state). A closure that times only part of its work returns that time in seconds (a
+    float), which is used instead."""
     for step in steps.values():
         for _ in range(warmup):
             step()
     times: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in tqdm(range(repeats), desc="rounds"):
-        for name, step in steps.items():
+    for round_ in tqdm(range(repeats), desc="rounds"):
+        for name in list(steps) if round_ % 2 == 0 else reversed(list(steps)):
             start = time.perf_counter()
-            seconds = step()
+            seconds = steps[name]()
             times[name].append(seconds if isinstance(seconds, float) else time.perf_counter() - start)
     return times
 
 
 def print_table(title: str, times: dict[str, list[float]], baseline: str, target: str = "") -> None:
-    """Median time and the ratio of medians to ``baseline``, plus the range of the per-round ratios (each round
-    runs every model back to back, so a round's ratio is a paired measurement; its spread shows the noise)."""
+    """Median time, the ratio of medians to ``baseline`` and the median of the per-round ratios with their range.
+    Each round runs every model back to back, so a round's ratio is a paired measurement: its median is the
+    figure least moved by load that comes and goes, and its spread shows the noise."""
     base = times[baseline]
     print(f"\n{title}")
-    print(f"{'model':<34} {'median s':>10} {'ratio':>8}   {'per-round ratios (min–max)':>26}")
+    print(f"{'model':<34} {'median s':>10} {'ratio':>8} {'paired':>8}   {'per-round ratios (min–max)':>26}")
     for name, ts in times.items():
         rounds = [t / b for t, b in zip(ts, base, strict=True)]
         ratio = statistics.median(ts) / statistics.median(base)
-        print(f"{name:<34} {statistics.median(ts):>10.4f} {ratio:>7.3f}×   {min(rounds):>12.3f} – {max(rounds):.3f}")
+        print(f"{name:<34} {statistics.median(ts):>10.4f} {ratio:>7.3f}× {statistics.median(rounds):>7.3f}×   "
+              f"{min(rounds):>12.3f} – {max(rounds):.3f}")  # fmt: skip
     if target:
         print(target)
 

@@ -27,14 +27,16 @@ def rms_scale(x: torch.Tensor, eps: float) -> torch.Tensor:
     return torch.rsqrt(torch.linalg.vector_norm(x, dim=-1, keepdim=True).square() / x.shape[-1] + eps)
 
 
-def normalized_projection(streams: torch.Tensor, phi: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm(flatten X) Φᵀ computed as (flatten X · Φᵀ) · rstd: (…, n, C), (m, nC) → (…, m) in float32.
+def projection_and_rstd(streams: torch.Tensor, phi: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """RMSNorm(flatten X) Φᵀ computed as (flatten X · Φᵀ) · rstd, and rstd: (…, n, C), (m, nC) → (…, m), (…, 1),
+    float32.
 
     The same numbers as ``F.linear(x / rms(x), Φ)`` (DeepSeek-V4's UnweightedRMSNorm, in mHC's reordering),
     but X is read once and no normalised nC-wide copy is made or saved for the backward.
     """
     x = streams.flatten(-2).float()  # (…, nC)
-    return skinny_linear(x, phi.float()) * rms_scale(x, eps)
+    rstd = rms_scale(x, eps)
+    return skinny_linear(x, phi.float()) * rstd, rstd
 
 
 def skinny_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -73,7 +75,7 @@ def dynamic_coefficients(
 
     The torch reference of ``hf_jpmhc.ops.hc_coefficients`` (its Triton kernel fuses all of it).
     """
-    z = torch.addcmul(bias.float(), normalized_projection(streams, phi, norm_eps), segment_scale(alpha, split_sizes))
+    z = torch.addcmul(bias.float(), projection_and_rstd(streams, phi, norm_eps)[0], segment_scale(alpha, split_sizes))
     return activate_coefficients(z, split_sizes, pre_eps)
 
 
@@ -160,21 +162,33 @@ def stream_update_grads(streams, mixer, post, branch, grad_out):
     return grad_streams, grad_mixer, grad_post, grad_branch
 
 
-def read_grad_streams(streams, pre, grad_u, kappa):
-    """The part of ``HyperConnectionRead``'s ∂X that is pointwise in X: pre ⊗ ∂u − κ X, in float32."""
-    return torch.addcmul(streams.float() * -kappa.unsqueeze(-1), pre.unsqueeze(-1), grad_u.unsqueeze(-2))
+def read_backward_streams(streams, pre, grad_u, kappa, g, phi):
+    """``HyperConnectionRead``'s ∂X = pre ⊗ ∂u − κ X + g Φ and ∂Φ = gᵀ x (x = flatten X), in float32."""
+    x = streams.float()
+    grad_x = torch.addcmul(x * -kappa.unsqueeze(-1), pre.unsqueeze(-1), grad_u.unsqueeze(-2))  # (…, n, C)
+    g, x_flat = g.reshape(-1, g.shape[-1]), x.reshape(g.shape[:-1].numel(), -1)  # (N, M), (N, K)
+    grad_x.view_as(x_flat).addmm_(g, phi.float())  # + g Φ
+    return grad_x, g.T @ x_flat  # (…, n, C), (M, K)
 
 
 @functools.cache
 def compiled(function):
-    """``function`` compiled by ``torch.compile``, made once per function: the kernel_backend="compiled" CPU path
-    runs the per-token passes above as inductor's fused C++ loops, while the large matmuls stay eager (MKL).
-    Inputs are passed detached and contiguous, so that neither autograd flags nor the expanded first-layer
-    streams cause recompiles."""
-    function = torch.compile(function)
+    """``function`` on the kernel_backend="compiled" CPU path, made once per function: hf_jpmhc's hand-fused C++
+    loop of the same name (``hf_jpmhc.ops.cpu``: one pass over the streams per token) where it takes the inputs,
+    else ``torch.compile(function)``. Inputs are passed detached and contiguous, so that neither autograd flags
+    nor the expanded first-layer streams cause recompiles."""
+    try:  # absent when this file runs as remote code without the hf_jpmhc package
+        from hf_jpmhc.ops import cpu
+
+        native = getattr(cpu, function.__name__, None)
+    except ImportError:
+        native = None
+    inductor = torch.compile(function)
 
     def call(*args):
-        return function(*(a.detach().contiguous() if isinstance(a, torch.Tensor) else a for a in args))
+        args = tuple(a.detach().contiguous() if isinstance(a, torch.Tensor) else a for a in args)
+        out = native(*args) if native is not None else None
+        return inductor(*args) if out is None else out
 
     return call
 
@@ -201,19 +215,18 @@ class HyperConnectionRead(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, streams, phi, alpha, bias, split_sizes, pre_eps: float, norm_eps: float, use_compiled: bool):
-        x = streams.flatten(-2).float()  # (…, K)
-        rstd = rms_scale(x, norm_eps)  # (…, 1)
-        zlin = skinny_linear(x, phi.float()) * rstd  # (…, M)
+        dense = streams.contiguous()  # one copy of the first layer's expanded streams, not one per pass
+        zlin, rstd = projection_and_rstd(dense, phi, norm_eps)  # (…, M), (…, 1)
         scale = segment_scale(alpha, split_sizes)  # (M,)
         pre, post, z_res = activate_coefficients(torch.addcmul(bias.float(), zlin, scale), split_sizes, pre_eps)
         ctx.save_for_backward(streams, phi, scale, pre, post, zlin, rstd)
         ctx.split_sizes, ctx.pre_eps, ctx.use_compiled = split_sizes, pre_eps, use_compiled
-        return maybe_compiled(collapse_streams, use_compiled)(streams, pre), post, z_res
+        return maybe_compiled(collapse_streams, use_compiled)(dense, pre), post, z_res
 
     @staticmethod
     def backward(ctx, grad_u, grad_post, grad_res):
         streams, phi, scale, pre, post, zlin, rstd = ctx.saved_tensors
-        x = streams.float()  # (…, n, C); a view for float32 streams
+        x = streams.contiguous().float()  # (…, n, C); a view for contiguous float32 streams
         grad_u = grad_u.float()
         grad_pre = maybe_compiled(row_dot, ctx.use_compiled)(grad_u, x)  # (…, n): the collapse's ∂pre
         sig_pre, sig_post = pre - ctx.pre_eps, post / 2
@@ -224,10 +237,7 @@ class HyperConnectionRead(torch.autograd.Function):
         grad_zlin = grad_z * scale  # (…, M)
         g = grad_zlin * rstd
         kappa = (grad_zlin * zlin).sum(-1, keepdim=True) * rstd.square() / x.shape[-1] / x.shape[-2]  # (…, 1)
-        grad_x = maybe_compiled(read_grad_streams, ctx.use_compiled)(x, pre, grad_u, kappa)  # (…, n, C)
-        g, x_flat = g.reshape(-1, g.shape[-1]), x.reshape(g.shape[:-1].numel(), -1)  # (N, M), (N, K)
-        grad_x.view_as(x_flat).addmm_(g, phi.float())  # + g Φ
-        grad_phi = g.T @ x_flat  # (M, K)
+        grad_x, grad_phi = maybe_compiled(read_backward_streams, ctx.use_compiled)(x, pre, grad_u, kappa, g, phi.float())
         return grad_x.to(streams.dtype), grad_phi, grad_alpha, grad_bias, None, None, None, None
 
 
