@@ -3,7 +3,8 @@
 The peer is ``hyper_connections.mHC`` (PyPI 0.4.11, lucidrains) wired into the same Llama-shaped model as
 benchmark 1: every decoder layer's attention and MLP residual goes through one ``mHC(4, dim=512)``, with
 its own stream layout (streams folded into the batch, expanded at layer 0 and summed after the last
-layer). Same shape, data, optimiser; training steps interleaved; medians. Target: ours faster than the peer.
+layer). Same shape, data, optimiser; training steps interleaved; medians. Ours runs the eager torch path and,
+in one more row, ``kernel_backend="compiled"`` (the CPU training path). Target: ours faster than the peer.
 
     python benchmarks/bench_peer_mhc.py [--repeats 4] [--threads 1]
 """
@@ -65,6 +66,7 @@ def main() -> None:
         "llama": train_step_fn(llama()),
         "hyper-connections 0.4.11 mHC n=4": train_step_fn(peer_mhc_llama()),
         "jpmhc n=4 sinkhorn (ours, mHC)": train_step_fn(jpmhc("sinkhorn")),
+        "jpmhc n=4 sinkhorn, compiled backend": train_step_fn(jpmhc("sinkhorn", kernel_backend="compiled")),
         "jpmhc n=4 stiefel (ours)": train_step_fn(jpmhc("stiefel")),
     }
     times = interleaved_times(steps, args.repeats)

@@ -7,6 +7,7 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <vector>
 
 namespace {
@@ -180,17 +181,13 @@ std::vector<torch::Tensor> update_backward(const torch::Tensor& X, const torch::
     for (int64_t t = begin; t < end; ++t) {
       const float *xt = x + t * n * C, *dyt = dy + t * n * C, *ht = h + t * n * n, *ft = fp + t * C;
       float *dxt = dx + t * n * C, *dft = df + t * C;
+      std::fill(dft, dft + C, 0.f);
       for (int64_t j = 0; j < n; ++j) {
         const float* dyj = dyt + j * C;
         const float pj = p[t * n + j];
         float sp = 0.f;
-        if (j == 0) {
 #pragma omp simd reduction(+ : sp)
-          for (int64_t c = 0; c < C; ++c) sp += ft[c] * dyj[c], dft[c] = pj * dyj[c];
-        } else {
-#pragma omp simd reduction(+ : sp)
-          for (int64_t c = 0; c < C; ++c) sp += ft[c] * dyj[c], dft[c] += pj * dyj[c];
-        }
+        for (int64_t c = 0; c < C; ++c) sp += ft[c] * dyj[c], dft[c] += pj * dyj[c];
         dp[t * n + j] = sp;
         for (int64_t s = 0; s < n; ++s) {
           const float* xs = xt + s * C;
