@@ -97,7 +97,7 @@ std::vector<torch::Tensor> read_backward(const torch::Tensor& X, const torch::Te
         for (int64_t b = 0; b < kBlock; ++b) {
           const int64_t t = t0 + std::min(b, nb - 1);  // a missing token repeats the last one, with g = 0
           xb[b] = x + t * K, dxb[b] = dx + t * K;
-          for (int64_t m = 0; m < M && b < nb; ++m) gb[b * M + m] = gp[t * M + m];
+          if (b < nb) std::copy(gp + t * M, gp + (t + 1) * M, gb.begin() + b * M);
         }
         for (int64_t b = 0; b < nb; ++b) {  // the pointwise part, pre ⊗ ∂u − κ X
           const int64_t t = t0 + b;
