@@ -179,6 +179,11 @@ def early_exit_tolerance(tensor: torch.Tensor, compiled: bool = False) -> float 
     return 8 * torch.finfo(tensor.dtype).eps
 
 
+# The row error from which the rounds hand over to the Newton polish, and the polish steps that then reach float64
+# rounding (quadratic convergence: 2e-2 → 4e-4 → 2e-7 → 4e-14 → 2e-27).
+NEWTON_BASIN, NEWTON_FROM_BASIN = 2e-2, 4
+
+
 def sinkhorn_iterate(theta: torch.Tensor, iters: int, eps: float = 0.0, newton_steps: int = 0) -> torch.Tensor:
     """Sinkhorn–Knopp on exp(θ) (…, n, n): ``iters`` rounds of row then column normalisation.
 
@@ -188,11 +193,17 @@ def sinkhorn_iterate(theta: torch.Tensor, iters: int, eps: float = 0.0, newton_s
     is near a permutation (row error ≈ 1e-1 after 20 rounds at |θ| ≤ 10), Newton reaches float precision.
     On CPU in eager mode the rounds stop early once the row error is within ``early_exit_tolerance`` (checked
     after the first round and every fourth), and so does the polish: decoding calls this per token and site.
+    With at least ``NEWTON_FROM_BASIN`` polish steps to follow, the rounds stop as soon as the row error is
+    within ``NEWTON_BASIN``: near the identity the rounds shrink it by ≈ 3% each (1.3e-2 after the first,
+    7e-3 after 20, at θ = 4I + 0.05·N), while a Newton step, which costs about ten rounds, squares it. The
+    result is the same fixed point (to float64 rounding), ≈ 1.4× faster near the identity.
     ``eps > 0`` is the probability-domain form of transformers' ``DeepseekV4HyperConnection``
     (softmax + eps, then ``P / (sum + eps)``), kept so that its checkpoints are reproduced exactly.
     """
     if eps == 0.0:
         tol = early_exit_tolerance(theta)
+        if tol is not None and newton_steps >= NEWTON_FROM_BASIN:
+            tol = NEWTON_BASIN
         log_p = torch.log_softmax(matrix_first(theta), dim=1)  # P as (n, n, …); rows sum to 1
         p = torch.log_softmax(log_p, dim=0).double().exp()  # columns sum to 1
         # From here every row and column keeps an entry ≥ 1/n² (a normalisation divides by a sum ≤ n), so the
