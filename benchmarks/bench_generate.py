@@ -18,7 +18,7 @@ import argparse
 import torch
 from transformers import CompileConfig
 
-from bench_train_step import interleaved_times, jpmhc, llama, print_table
+from bench_train_step import interleaved_times, jpmhc, llama, parse_process_args, print_table
 
 
 def generate_fn(model: torch.nn.Module, new_tokens: int, compile_model: bool = False):
@@ -44,13 +44,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
-                        help="intra-op threads; 1 avoids OpenMP barrier stalls on an oversubscribed machine")  # fmt: skip
     parser.add_argument("--compile", action="store_true", help="static cache + compiled decoding, every model alike")
     parser.add_argument("--mixers", nargs="+", default=["stiefel", "sinkhorn", "kronecker"])
     parser.add_argument("--backends", nargs="+", default=["torch", "compiled"], help="JPmHC kernel_backend values")
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    args = parse_process_args(parser)
     runs = {"llama": generate_fn(llama(), args.new_tokens, args.compile)}
     for mixer in args.mixers:
         for backend in args.backends:
@@ -58,7 +55,8 @@ def main() -> None:
                                                                args.compile)  # fmt: skip
     times = interleaved_times(runs, args.repeats)
     print_table(f"greedy generation, KV cache, batch 1, prompt 32, {args.new_tokens} new tokens, "
-                f"compile={args.compile}, {args.repeats} interleaved rounds", times, "llama", target="target: ratio ≤ 1.15×")  # fmt: skip
+                f"{args.process}, compile={args.compile}, {args.repeats} interleaved rounds", times, "llama",
+                target="target: ratio ≤ 1.15×")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -6,19 +6,19 @@ its own stream layout (streams folded into the batch, expanded at layer 0 and su
 layer). Same shape, data, optimiser; training steps interleaved; medians. Ours runs the eager torch path and,
 in one more row, ``kernel_backend="compiled"`` (the CPU training path). Target: ours faster than the peer.
 
-    python benchmarks/bench_peer_mhc.py [--repeats 4] [--threads 1]
+    python benchmarks/bench_peer_mhc.py [--repeats 4] [--threads 1] [--default-malloc]
 """
 
 from __future__ import annotations
 
 import argparse
 
-import torch
 from einops import rearrange, repeat
 from hyper_connections import mHC
 from torch import nn
 
-from bench_train_step import BATCH, SEQ, interleaved_times, jpmhc, llama, print_table, train_step_fn
+from bench_train_step import (BATCH, SEQ, interleaved_times, jpmhc, llama, parse_process_args, print_table,
+                              train_step_fn)
 
 NUM_STREAMS = 4
 
@@ -58,10 +58,7 @@ def peer_mhc_llama() -> nn.Module:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=4)
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
-                        help="intra-op threads; 1 avoids OpenMP barrier stalls on an oversubscribed machine")  # fmt: skip
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    args = parse_process_args(parser)
     steps = {
         "llama": train_step_fn(llama()),
         "hyper-connections 0.4.11 mHC n=4": train_step_fn(peer_mhc_llama()),
@@ -70,8 +67,8 @@ def main() -> None:
         "jpmhc n=4 stiefel (ours)": train_step_fn(jpmhc("stiefel")),
     }
     times = interleaved_times(steps, args.repeats)
-    print_table(f"train step vs the public mHC, batch {BATCH}, seq {SEQ}, {args.repeats} interleaved rounds",
-                times, "hyper-connections 0.4.11 mHC n=4",
+    print_table(f"train step vs the public mHC, batch {BATCH}, seq {SEQ}, {args.process}, "
+                f"{args.repeats} interleaved rounds", times, "hyper-connections 0.4.11 mHC n=4",
                 target="ratio = time / time of the peer mHC; target: ours < 1.0×")  # fmt: skip
 
 

@@ -7,10 +7,12 @@ ratios. Target (issue 5): ≤ 1.10×.
 
 JPmHC runs with each ``--backends`` entry: ``torch`` (eager) and ``compiled`` (the CPU training path: the
 hyper-connections' per-token passes compiled by inductor, everything else eager; the warm-up step compiles).
-``--compile`` instead compiles every whole model, Llama included.
+``--compile`` instead compiles every whole model, Llama included. Like the training scripts, the benchmark first
+has glibc keep freed memory (``hf_jpmhc.ops.cpu.keep_freed_memory``: no page faults on buffers reallocated
+every step), for every model alike; ``--default-malloc`` leaves glibc's defaults.
 
     python benchmarks/bench_train_step.py [--repeats 4] [--mixers stiefel sinkhorn kronecker]
-        [--backends torch compiled] [--compile] [--threads 1]
+        [--backends torch compiled] [--compile] [--threads 1] [--default-malloc]
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from tqdm import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from hf_jpmhc import JPmHCConfig, JPmHCForCausalLM
+from hf_jpmhc.ops.cpu import keep_freed_memory
 
 LLAMA_SHAPE = dict(vocab_size=4096, hidden_size=512, intermediate_size=1376, num_hidden_layers=6,
                    num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=512,
@@ -93,16 +96,27 @@ def print_table(title: str, times: dict[str, list[float]], baseline: str, target
         print(target)
 
 
+def parse_process_args(parser: argparse.ArgumentParser) -> argparse.Namespace:
+    """Adds the process settings every model of a run shares (``--threads``, ``--default-malloc``), parses the
+    command line and applies them; ``args.process`` describes them for the table's title."""
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
+                        help="intra-op threads; 1 avoids OpenMP barrier stalls on an oversubscribed machine")  # fmt: skip
+    parser.add_argument("--default-malloc", action="store_true",
+                        help="leave glibc's malloc as it is instead of calling keep_freed_memory()")  # fmt: skip
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    kept = not args.default_malloc and keep_freed_memory()
+    args.process = f"{torch.get_num_threads()} threads, keep_freed_memory={kept}"
+    return args
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=4)
     parser.add_argument("--mixers", nargs="+", default=["stiefel", "sinkhorn", "kronecker"])
     parser.add_argument("--backends", nargs="+", default=["torch", "compiled"], help="JPmHC kernel_backend values")
     parser.add_argument("--compile", action="store_true", help="torch.compile every model (same for Llama)")
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
-                        help="intra-op threads; 1 avoids OpenMP barrier stalls on an oversubscribed machine")  # fmt: skip
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    args = parse_process_args(parser)
     steps = {"llama": train_step_fn(llama(), args.compile)}
     for mixer in args.mixers:
         for backend in args.backends:
@@ -110,7 +124,7 @@ def main() -> None:
     n_params = sum(p.numel() for p in llama().parameters())
     times = interleaved_times(steps, args.repeats)
     print_table(f"train step (fwd+bwd+AdamW), {n_params / 1e6:.1f}M-param Llama shape, batch {BATCH}, seq {SEQ}, "
-                f"{torch.get_num_threads()} threads, compile={args.compile}, {args.repeats} interleaved rounds",
+                f"{args.process}, compile={args.compile}, {args.repeats} interleaved rounds",
                 times, "llama", target="target: ratio ≤ 1.10×")  # fmt: skip
 
 

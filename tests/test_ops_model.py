@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import platform
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -220,6 +224,29 @@ def test_cpu_kernels_match_the_references(n, channels, tokens):
     assert cpu.update_streams(streams, mixer[0, 0], post, branch) is None  # a mixer shared by all tokens
     with pytest.raises(RuntimeError, match="one entry per token"):  # the loops check sizes themselves too
         cpu._library().collapse(streams, pre[..., :1].contiguous())
+
+
+@pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc's mallopt")
+def test_keep_freed_memory_stops_page_faults_on_reallocated_buffers():
+    """Two 64 MiB buffers allocated, touched and freed at every "step": with glibc's defaults each step maps them
+    afresh (a page fault per 4 KiB); after keep_freed_memory() the heap grows for a few steps (aligned blocks
+    fragment it) and then serves them already mapped. In subprocesses: the setting is process-wide."""
+    script = """
+import resource, sys, torch
+from hf_jpmhc.ops.cpu import keep_freed_memory
+if sys.argv[1] == "keep":
+    assert keep_freed_memory()
+for step in range(12):
+    if step == 8:  # the last four steps
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    a, b = torch.ones(2**24), torch.ones(2**24)
+    del a, b
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+    faults = {mode: int(subprocess.run([sys.executable, "-c", script, mode], check=True, capture_output=True,
+                                       text=True).stdout) for mode in ("default", "keep")}  # fmt: skip
+    assert faults["default"] >= 4 * 2 * 2**14, faults  # 4 steps × 2 buffers × 16384 pages of 4 KiB
+    assert faults["keep"] < 200, faults
 
 
 def test_compiled_stream_update_matches_eager():

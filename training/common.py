@@ -49,6 +49,8 @@ from tqdm.auto import tqdm
 import yaml
 from transformers import HfArgumentParser, get_scheduler
 
+from hf_jpmhc.ops.cpu import keep_freed_memory
+
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
 CHECKPOINT_PREFIX = "checkpoint-"
 TMP_PREFIX = ".tmp-"
@@ -94,15 +96,20 @@ def build_accelerator(
     ``mixed_precision`` is "no", "fp16" or "bf16" (autocast; master weights stay float32). The data order
     of epoch e is seeded by ``seed + e``; TensorBoard logs go to ``output_dir/logs`` when it is installed.
     On a machine with no accelerator device, ``cpu=True`` lets processes started by ``accelerate launch
-    --multi_gpu`` (torchrun) join a gloo process group: Accelerate only forms a CPU group when told ``cpu``.
+    --multi_gpu`` (torchrun) join a gloo process group: Accelerate only forms a CPU group when told ``cpu``;
+    and glibc is told to keep freed memory (``hf_jpmhc.ops.cpu.keep_freed_memory``), so that the buffers a
+    step reallocates are not page-faulted in again at every step.
     """
     if mixed_precision not in MIXED_PRECISIONS:
         raise ValueError(f"mixed_precision must be one of {MIXED_PRECISIONS}, got {mixed_precision!r}")
     if gradient_accumulation_steps < 1:
         raise ValueError(f"gradient_accumulation_steps must be >= 1, got {gradient_accumulation_steps}")
     output_dir = Path(output_dir)
+    cpu = not torch.accelerator.is_available()
+    if cpu:
+        keep_freed_memory()
     return Accelerator(
-        cpu=not torch.accelerator.is_available(),
+        cpu=cpu,
         mixed_precision=mixed_precision,
         gradient_accumulation_plugin=GradientAccumulationPlugin(
             num_steps=gradient_accumulation_steps, sync_with_dataloader=False

@@ -7,17 +7,41 @@ and returns None where it does not apply — inputs not float32 on CPU, a mixer 
 build — so that the caller falls back to inductor. The extension is built at first use by
 ``torch.utils.cpp_extension`` (a C++ compiler, as inductor needs, and ninja; cached under
 ``TORCH_EXTENSIONS_DIR``); if that fails it warns once and everything runs on inductor.
+
+``keep_freed_memory`` is the process-wide allocator setting that CPU training scripts apply (see there).
 """
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import os
+import platform
 import warnings
 
 import torch
 
-__all__ = ["collapse_streams", "read_backward_streams", "row_dot", "stream_update_grads", "update_streams"]
+__all__ = ["collapse_streams", "keep_freed_memory", "read_backward_streams", "row_dot", "stream_update_grads",
+           "update_streams"]
+
+
+def keep_freed_memory() -> bool:
+    """Have glibc's malloc keep the memory a process frees for reuse, instead of handing it back to the kernel;
+    True if applied (Linux with glibc), False elsewhere. Process-wide, for the whole run: call it at the start
+    of a CPU training (``training/common.build_accelerator`` and the step benchmarks do).
+
+    A training step frees and reallocates stream-sized (n·C per token) buffers at every site. By default glibc
+    returns large freed blocks to the kernel (``mmap``-ed blocks, and the top of the heap beyond its trim
+    threshold), so the next step takes a page fault, and a zero-filled page, for every 4 KiB it touches again:
+    16–90 k faults per step of benchmark 1's model, several % of its time. This serves every block from the heap
+    (``M_MMAP_MAX`` = 0) and never trims it (``M_TRIM_THRESHOLD`` = INT_MAX): the process keeps its peak
+    memory, as jemalloc, tcmalloc and PyTorch's GPU caching allocator do.
+    """
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    libc = ctypes.CDLL(None)  # the running process's libc
+    m_trim_threshold, m_mmap_max = -1, -4  # <malloc.h>
+    return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
 
 
 @functools.cache
