@@ -192,17 +192,21 @@ def test_sinkhorn_implicit_matches_unrolled(n, scale):
 
 @pytest.mark.parametrize("scale", [0.05, 4.0], ids=["near-identity", "far"])
 def test_compiled_sinkhorn_polish_stops_where_eager_does(scale):
-    """Under torch.compile on CPU the Newton polish tests convergence every NEWTON_CHECKPOINT steps through
-    torch.cond: near the identity it stops at the first checkpoint, far from it (θ = 4I + 4·N, where 2 steps
-    leave a row error ≫ 1e-15) it takes the branch with the remaining steps. Both equal the eager polish,
-    which stops after any step, to float64 rounding, and are doubly stochastic to it. Compiled with
-    dynamic=True, where dynamo makes floats read from defaults or globals symbolic and torch.cond rejects them."""
-    from hf_jpmhc.models.mixers import NEWTON_CHECKPOINT, sinkhorn_iterate
+    """Under torch.compile on CPU the rounds test once, through torch.cond, whether the first left P within the
+    Newton polish's basin, and the polish tests convergence every NEWTON_CHECKPOINT steps: near the identity
+    the rounds hand over at once and the polish stops at its first checkpoint; far from it (θ = 4I + 4·N, a
+    first-round row error > NEWTON_BASIN, and 2 steps leave one ≫ 1e-15) both take the branch with the rest.
+    Both equal eager mode, which tests after every fourth round and any step, to float64 rounding, and are
+    doubly stochastic to it. Compiled with dynamic=True, where dynamo makes floats read from defaults or
+    globals symbolic and torch.cond rejects them."""
+    from hf_jpmhc.models.mixers import NEWTON_BASIN, NEWTON_CHECKPOINT, sinkhorn_iterate
 
     generator = torch.Generator().manual_seed(0)
     theta = 4 * torch.eye(4, dtype=torch.float64) + scale * torch.randn(64, 4, 4, generator=generator, dtype=torch.float64)
     two_steps = sinkhorn_iterate(theta, 20, 0.0, NEWTON_CHECKPOINT)
+    first_round = sinkhorn_iterate(theta, 1)
     assert ((two_steps.sum(-1) - 1).abs().max() > 1e-12) == (scale > 1), "the test no longer reaches both branches"
+    assert ((first_round.sum(-1) - 1).abs().max() > NEWTON_BASIN) == (scale > 1), "nor both branches of the rounds"
     compiled = torch.compile(sinkhorn_iterate, backend="aot_eager", fullgraph=True, dynamic=True)
     with torch.inference_mode():
         h = compiled(theta, 20, 0.0, 8)

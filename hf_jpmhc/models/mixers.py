@@ -196,30 +196,42 @@ def sinkhorn_iterate(theta: torch.Tensor, iters: int, eps: float = 0.0, newton_s
     With at least ``NEWTON_FROM_BASIN`` polish steps to follow, the rounds stop as soon as the row error is
     within ``NEWTON_BASIN``: near the identity the rounds shrink it by ≈ 3% each (1.3e-2 after the first,
     7e-3 after 20, at θ = 4I + 0.05·N), while a Newton step, which costs about ten rounds, squares it. The
-    result is the same fixed point (to float64 rounding), ≈ 1.4× faster near the identity.
+    result is the same fixed point (to float64 rounding), ≈ 1.4× faster near the identity. Under
+    ``torch.compile`` (CPU, autograd not recording) that handover is tested once, after the first round.
     ``eps > 0`` is the probability-domain form of transformers' ``DeepseekV4HyperConnection``
     (softmax + eps, then ``P / (sum + eps)``), kept so that its checkpoints are reproduced exactly.
     """
     if eps == 0.0:
-        tol = early_exit_tolerance(theta)
-        if tol is not None and newton_steps >= NEWTON_FROM_BASIN:
-            tol = NEWTON_BASIN
+        tol, handover = early_exit_tolerance(theta), newton_steps >= NEWTON_FROM_BASIN
         log_p = torch.log_softmax(matrix_first(theta), dim=1)  # P as (n, n, …); rows sum to 1
         p = torch.log_softmax(log_p, dim=0).double().exp()  # columns sum to 1
-        # From here every row and column keeps an entry ≥ 1/n² (a normalisation divides by a sum ≤ n), so the
-        # remaining rounds run as plain divisions in float64 (no exp/log per round); entries below e^-700 of
-        # their row's largest flush to zero (the log-domain rounds agreed to 1e-6 at |θ| ≤ 10).
-        for i in range(1, iters):
-            if tol is not None and i % 4 == 1 and (p.sum(1) - 1).abs().max() <= tol:
-                break
-            p = p / p.sum(1, keepdim=True)
-            p = p / p.sum(0, keepdim=True)
+        compiled_test = torch.compiler.is_compiling() and early_exit_tolerance(p, compiled=True) is not None
+        if handover and iters > 1 and compiled_test:  # one test, through torch.cond, after the first round
+            in_basin = (p.sum(1) - 1).abs().max() <= NEWTON_BASIN
+            p = torch.cond(in_basin, torch.clone, lambda q: _division_rounds(q, iters - 1, None), (p,))
+        else:
+            p = _division_rounds(p, iters - 1, NEWTON_BASIN if tol is not None and handover else tol)
         return matrix_last(sinkhorn_newton(p, newton_steps), theta.dtype)
     p = torch.softmax(theta, dim=-1) + eps
     p = p / (p.sum(-2, keepdim=True) + eps)
     for _ in range(iters - 1):
         p = p / (p.sum(-1, keepdim=True) + eps)
         p = p / (p.sum(-2, keepdim=True) + eps)
+    return p
+
+
+def _division_rounds(p: torch.Tensor, rounds: int, tol: float | None) -> torch.Tensor:
+    """``rounds`` Sinkhorn rounds on P (n, n, …) (``matrix_first``) after the log-domain first one, stopping once the
+    row error is within ``tol`` (tested before the first and every fourth; None: never).
+
+    After the first round every row and column keeps an entry ≥ 1/n² (a normalisation divides by a sum ≤ n), so
+    these run as plain divisions in float64 (no exp/log per round); entries below e^-700 of their row's largest
+    flush to zero (the log-domain rounds agreed to 1e-6 at |θ| ≤ 10)."""
+    for i in range(rounds):
+        if tol is not None and i % 4 == 0 and (p.sum(1) - 1).abs().max() <= tol:
+            break
+        p = p / p.sum(1, keepdim=True)
+        p = p / p.sum(0, keepdim=True)
     return p
 
 
