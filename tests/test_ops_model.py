@@ -204,6 +204,7 @@ def test_cpu_kernels_match_the_references(n, channels, tokens):
     mixer, post, pre = randn(*lead, n, n), randn(*lead, n).sigmoid() * 2, randn(*lead, n).sigmoid()
     phi, kappa, gz = randn(m, n * channels) * 0.1, randn(*lead, 1), randn(*lead, m)
     cases = {
+        "projection_and_rstd": (streams, phi, 1e-6),
         "collapse_streams": (streams, pre),
         "row_dot": (branch, streams),
         "read_backward_streams": (streams, pre, branch, kappa, gz, phi),
@@ -262,10 +263,16 @@ def test_compiled_stream_update_matches_eager():
 @pytest.mark.parametrize(("mixer", "options"), [("stiefel", {}), ("sinkhorn", {}), ("kronecker", {}),
                                                 ("sinkhorn", {"hc_recompute": True}), ("stiefel", {"dynamic": False})])
 def test_compiled_backend_matches_torch_in_the_model(mixer, options):
-    """kernel_backend="compiled" (inductor-compiled per-token passes) trains like the eager torch path."""
+    """kernel_backend="compiled" (C++ and inductor-compiled per-token passes, the mixer compiled with its backward)
+    trains like the eager torch path."""
+    from hf_jpmhc.models.hyper_connection import compiled_with_backward
+
     ids = torch.randint(3, 128, (2, 12))
     reference = _perturbed_model(mixer=mixer, kernel_backend="torch", **options)
+    compiled_with_backward.cache_clear()
     _assert_same_run(reference, _perturbed_model(mixer=mixer, kernel_backend="compiled", **options), ids)
+    # the mixer's forward, compiled once for all sites; static coefficients mix one θ per site, uncompiled
+    assert compiled_with_backward.cache_info().currsize == int(options.get("dynamic", True))
 
 
 def test_compiled_backend_matches_torch_at_inference():

@@ -21,8 +21,8 @@ import warnings
 
 import torch
 
-__all__ = ["collapse_streams", "keep_freed_memory", "read_backward_streams", "row_dot", "stream_update_grads",
-           "update_streams"]
+__all__ = ["collapse_streams", "keep_freed_memory", "projection_and_rstd", "read_backward_streams", "row_dot",
+           "stream_update_grads", "update_streams"]
 
 
 def keep_freed_memory() -> bool:
@@ -72,6 +72,14 @@ def _library_for(tensors: tuple, shapes: tuple):
 def collapse_streams(streams, weights):
     lib = _library_for((streams, weights), (streams.shape, streams.shape[:-1]))
     return None if lib is None else lib.collapse(streams, weights).view(streams.shape[:-2] + streams.shape[-1:])
+
+
+def projection_and_rstd(streams, phi, eps):
+    lib = _library_for((streams, phi), (streams.shape, (phi.shape[0], streams.shape[-2] * streams.shape[-1])))
+    if lib is None:
+        return None
+    zlin, rstd = lib.projection(streams, phi, eps)
+    return zlin.view(streams.shape[:-2] + (-1,)), rstd.view(streams.shape[:-2] + (1,))
 
 
 def row_dot(vector, rows):

@@ -3,18 +3,38 @@
 // inductor makes one pass per output. Conventions and the maths are those of
 // hf_jpmhc/models/hyper_connection.py (the torch references); tokens are rows, X is (T, n, C) contiguous,
 // Φ is (M, nC). Tokens are split over at::parallel_for's threads; inner loops over C are vectorised by the
-// compiler (omp simd).
+// compiler (omp simd), the read's backward explicitly (GCC/Clang vector extensions, in registers).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cmath>
+#include <cstring>
 #include <vector>
 
 namespace {
 
 constexpr int64_t kGrain = 16;  // tokens per parallel task: one token is n·C floats, several KB
-constexpr int64_t kBlock = 4;   // tokens sharing each load of Φ in the read's backward
-constexpr int64_t kTile = 64;   // columns of x per L1-resident tile in read_backward
+constexpr int64_t kBlock = 8;   // tokens sharing each load of Φ in the read's backward (their vectors in registers)
+
+// One SIMD register of floats (GCC/Clang vector extension; the compiler splits it where the machine is narrower).
+#if defined(__AVX512F__)
+constexpr int64_t kLanes = 16;
+#else
+constexpr int64_t kLanes = 8;
+#endif
+typedef float Vec __attribute__((vector_size(kLanes * sizeof(float))));
+inline Vec load(const float* p) {  // unaligned
+  Vec v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+inline void store(float* p, const Vec& v) { std::memcpy(p, &v, sizeof v); }
+inline float lane_sum(const Vec& v) {
+  float a = 0.f;
+  for (int64_t i = 0; i < kLanes; ++i) a += v[i];
+  return a;
+}
 
 void check(const torch::Tensor& t, const char* name, int64_t numel) {
   TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == torch::kFloat32 && t.is_contiguous(), name,
@@ -71,8 +91,70 @@ torch::Tensor row_dot(const torch::Tensor& v, const torch::Tensor& X) {
   return out;
 }
 
+// Φ by column panels, (K / kLanes, rows, kLanes), rows ≥ M padded with zeros: the rows of one vector of columns
+// are contiguous, so a loop over them streams through memory instead of striding K floats at each row. The last
+// K mod kLanes columns are left out.
+torch::Tensor panels_of(const torch::Tensor& phi, int64_t rows) {
+  const int64_t M = phi.size(0), panels = phi.size(1) / kLanes;
+  auto packed = torch::zeros({panels, rows, kLanes}, phi.options());
+  packed.narrow(1, 0, M).copy_(phi.narrow(1, 0, panels * kLanes).view({M, panels, kLanes}).transpose(0, 1));
+  return packed;
+}
+
+// The read's projection and RMS scale in one pass over X (projection_and_rstd), x = flatten(X):
+//   rstd = (mean x² + eps)^(-1/2)        zlin = (x Φᵀ) · rstd
+// A register tile of kTileTokens tokens × kTileRows rows of Φ accumulates one vector of partial dot products each
+// over all column panels (the tokens' x stays in L1 across the row tiles); lanes are summed at the end.
+std::vector<torch::Tensor> projection(const torch::Tensor& X, const torch::Tensor& phi, double eps) {
+  constexpr int64_t kTileTokens = 4, kTileRows = 4;
+  const int64_t K = X.size(-2) * X.size(-1), T = X.numel() / K, M = phi.size(0);
+  check(X, "X", T * K), check(phi, "phi", M * K);
+  auto zlin = torch::empty({T, M}, X.options()), rstd = torch::empty({T, 1}, X.options());
+  const int64_t padded = (M + kTileRows - 1) / kTileRows * kTileRows;  // rows of zeros complete the last tile
+  const auto packed = panels_of(phi, padded);
+  const int64_t panels = packed.size(0), vectorised = panels * kLanes;
+  const float *x = X.data_ptr<float>(), *w = phi.data_ptr<float>(), *wp = packed.data_ptr<float>();
+  float *z = zlin.data_ptr<float>(), *rs = rstd.data_ptr<float>();
+  at::parallel_for(0, (T + kTileTokens - 1) / kTileTokens, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t t0 = b0 * kTileTokens; t0 < std::min(T, b1 * kTileTokens); t0 += kTileTokens) {
+      const int64_t nb = std::min(kTileTokens, T - t0);
+      const float* xb[kTileTokens];
+      for (int64_t b = 0; b < kTileTokens; ++b) xb[b] = x + (t0 + std::min(b, nb - 1)) * K;  // repeat the last
+      for (int64_t b = 0; b < nb; ++b) {
+        Vec sq = {};
+        for (int64_t p = 0; p < panels; ++p) {
+          const Vec v = load(xb[b] + p * kLanes);
+          sq += v * v;
+        }
+        float ss = lane_sum(sq);
+        for (int64_t k = vectorised; k < K; ++k) ss += xb[b][k] * xb[b][k];
+        rs[t0 + b] = 1.f / std::sqrt(ss / K + static_cast<float>(eps));
+      }
+      for (int64_t m0 = 0; m0 < M; m0 += kTileRows) {
+        Vec acc[kTileTokens][kTileRows] = {};
+        for (int64_t p = 0; p < panels; ++p) {
+          Vec xr[kTileTokens], wv[kTileRows];
+          for (int64_t b = 0; b < kTileTokens; ++b) xr[b] = load(xb[b] + p * kLanes);
+          for (int64_t r = 0; r < kTileRows; ++r) wv[r] = load(wp + (p * padded + m0 + r) * kLanes);
+          for (int64_t b = 0; b < kTileTokens; ++b)
+            for (int64_t r = 0; r < kTileRows; ++r) acc[b][r] += xr[b] * wv[r];
+        }
+        for (int64_t b = 0; b < nb; ++b)
+          for (int64_t m = m0; m < std::min(M, m0 + kTileRows); ++m) {
+            float d = lane_sum(acc[b][m - m0]);
+            for (int64_t k = vectorised; k < K; ++k) d += xb[b][k] * w[m * K + k];
+            z[(t0 + b) * M + m] = d * rs[t0 + b];
+          }
+      }
+    }
+  });
+  return {zlin, rstd};
+}
+
 // The read's ∂X and ∂Φ in one pass (HyperConnectionRead.backward), x = flatten(X):
 //   ∂X = pre ⊗ ∂u − κ X + g Φ        ∂Φ = gᵀ x
+// Register-blocked over kBlock tokens and one vector of columns: the block's x and ∂X vectors stay in registers
+// over all M rows, each of which loads one vector of Φ and updates one of ∂Φ, two FMAs per token and load.
 // Each thread sums its tokens' ∂Φ in its own buffer; the buffers are added at the end.
 std::vector<torch::Tensor> read_backward(const torch::Tensor& X, const torch::Tensor& pre, const torch::Tensor& grad_u,
                                          const torch::Tensor& kappa, const torch::Tensor& g, const torch::Tensor& phi) {
@@ -84,55 +166,67 @@ std::vector<torch::Tensor> read_backward(const torch::Tensor& X, const torch::Te
   const float *x = X.data_ptr<float>(), *pr = pre.data_ptr<float>(), *du = grad_u.data_ptr<float>(),
               *ka = kappa.data_ptr<float>(), *gp = g.data_ptr<float>(), *w = phi.data_ptr<float>();
   float *dx = grad_x.data_ptr<float>(), *dw_all = partial.data_ptr<float>();
+  // Φ and each thread's ∂Φ by column panels (panels_of)
+  const auto packed = panels_of(phi, M);
+  const int64_t panels = packed.size(0), vectorised = panels * kLanes;
+  auto partial_packed = torch::zeros({chunks, panels, M, kLanes}, X.options());
+  const float* wp = packed.data_ptr<float>();
+  float* dwp_all = partial_packed.data_ptr<float>();
   at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+    std::vector<float> gb(M * kBlock);  // the block's g, row-major by m; zero for tokens past the end
     for (int64_t chunk = c0; chunk < c1; ++chunk) {
-      float* dw = dw_all + chunk * M * K;
-      std::vector<float> gb(kBlock * M);  // the block's g, token-major; zero for tokens past the end
+      float *dw = dw_all + chunk * M * K, *dwp = dwp_all + chunk * panels * M * kLanes;
       const int64_t begin = T * chunk / chunks, end = T * (chunk + 1) / chunks;
       for (int64_t t0 = begin; t0 < end; t0 += kBlock) {
         const int64_t nb = std::min(kBlock, end - t0);
-        std::fill(gb.begin(), gb.end(), 0.f);
-        const float* xb[kBlock];
-        float* dxb[kBlock];
+        int64_t tok[kBlock];
         for (int64_t b = 0; b < kBlock; ++b) {
-          const int64_t t = t0 + std::min(b, nb - 1);  // a missing token repeats the last one, with g = 0
-          xb[b] = x + t * K, dxb[b] = dx + t * K;
-          if (b < nb) std::copy(gp + t * M, gp + (t + 1) * M, gb.begin() + b * M);
+          tok[b] = t0 + std::min(b, nb - 1);  // a missing token repeats the last one, with g = 0, and is not stored
+          for (int64_t m = 0; m < M; ++m) gb[m * kBlock + b] = b < nb ? gp[tok[b] * M + m] : 0.f;
         }
-        for (int64_t b = 0; b < nb; ++b) {  // the pointwise part, pre ⊗ ∂u − κ X
-          const int64_t t = t0 + b;
-          const float *xt = xb[b], *dut = du + t * C;
-          const float kt = ka[t];
-          for (int64_t s = 0; s < n; ++s) {
-            const float ps = pr[t * n + s];
-#pragma omp simd
-            for (int64_t c = 0; c < C; ++c) dxb[b][s * C + c] = ps * dut[c] - kt * xt[s * C + c];
-          }
-        }
-        // + g Φ and ∂Φ += gᵀ x, a tile of kTile columns at a time: the block's x and ∂X tiles stay in L1
-        // over all M rows of Φ and ∂Φ, each of which is then read (and ∂Φ written) once per block of tokens
-        for (int64_t k0 = 0; k0 < K; k0 += kTile) {
-          const int64_t width = std::min(kTile, K - k0);
-          float d[kBlock][kTile] = {}, xv[kBlock][kTile] = {};
-          for (int64_t b = 0; b < kBlock; ++b)
-            for (int64_t j = 0; j < width; ++j) xv[b][j] = xb[b][k0 + j];
-          for (int64_t m = 0; m < M; ++m) {
-            const float* wm = w + m * K + k0;
-            float* dwm = dw + m * K + k0;
-            const float g0 = gb[m], g1 = gb[M + m], g2 = gb[2 * M + m], g3 = gb[3 * M + m];
-#pragma omp simd
-            for (int64_t j = 0; j < width; ++j) {
-              const float wk = wm[j];
-              d[0][j] += g0 * wk, d[1][j] += g1 * wk, d[2][j] += g2 * wk, d[3][j] += g3 * wk;
-              dwm[j] += g0 * xv[0][j] + g1 * xv[1][j] + g2 * xv[2][j] + g3 * xv[3][j];
+        auto pointwise = [&](int64_t t, int64_t k) {  // pre ⊗ ∂u − κ x at column k of token t
+          return pr[t * n + k / C] * du[t * C + k % C] - ka[t] * x[t * K + k];
+        };
+        for (int64_t p = 0; p < panels; ++p) {
+          const int64_t k0 = p * kLanes, s = k0 / C, c = k0 % C;
+          Vec xr[kBlock], d[kBlock];
+          for (int64_t b = 0; b < kBlock; ++b) {
+            const int64_t t = tok[b];
+            xr[b] = load(x + t * K + k0);
+            __builtin_prefetch(x + (t + kBlock) * K + k0);  // the next block's
+            if (c + kLanes <= C) {
+              d[b] = pr[t * n + s] * load(du + t * C + c) - ka[t] * xr[b];
+            } else {  // the vector straddles two streams
+              float lanes[kLanes];
+              for (int64_t j = 0; j < kLanes; ++j) lanes[j] = pointwise(t, k0 + j);
+              d[b] = load(lanes);
             }
           }
-          for (int64_t b = 0; b < nb; ++b)
-            for (int64_t j = 0; j < width; ++j) dxb[b][k0 + j] += d[b][j];
+          const float *wm = wp + p * M * kLanes, *gm = gb.data();
+          float* dwm = dwp + p * M * kLanes;
+          for (int64_t m = 0; m < M; ++m, wm += kLanes, dwm += kLanes, gm += kBlock) {
+            const Vec wv = load(wm);
+            Vec acc = load(dwm);
+            for (int64_t b = 0; b < kBlock; ++b) d[b] += gm[b] * wv, acc += gm[b] * xr[b];
+            store(dwm, acc);
+          }
+          for (int64_t b = 0; b < nb; ++b) store(dx + tok[b] * K + k0, d[b]);
+        }
+        for (int64_t k = vectorised; k < K; ++k) {  // the last K mod kLanes columns
+          for (int64_t b = 0; b < nb; ++b) {
+            const int64_t t = tok[b];
+            float a = pointwise(t, k);
+            for (int64_t m = 0; m < M; ++m) {
+              const float gm = gb[m * kBlock + b];
+              a += gm * w[m * K + k], dw[m * K + k] += gm * x[t * K + k];
+            }
+            dx[t * K + k] = a;
+          }
         }
       }
     }
   });
+  partial.narrow(2, 0, vectorised).copy_(partial_packed.transpose(1, 2).reshape({chunks, M, vectorised}));
   return {grad_x, chunks == 1 ? partial[0] : partial.sum(0)};
 }
 
@@ -216,6 +310,7 @@ std::vector<torch::Tensor> update_backward(const torch::Tensor& X, const torch::
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("collapse", &collapse);
+  m.def("projection", &projection);
   m.def("row_dot", &row_dot);
   m.def("read_backward", &read_backward);
   m.def("update", &update);
