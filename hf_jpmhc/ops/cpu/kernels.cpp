@@ -104,7 +104,7 @@ torch::Tensor panels_of(const torch::Tensor& phi, int64_t rows) {
 // The read's projection and RMS scale in one pass over X (projection_and_rstd), x = flatten(X):
 //   rstd = (mean x² + eps)^(-1/2)        zlin = (x Φᵀ) · rstd
 // A register tile of kTileTokens tokens × kTileRows rows of Φ accumulates one vector of partial dot products each
-// over all column panels (the tokens' x stays in L1 across the row tiles); lanes are summed at the end.
+// over all column panels (the tokens' x stays in cache across the row tiles); lanes are summed at the end.
 std::vector<torch::Tensor> projection(const torch::Tensor& X, const torch::Tensor& phi, double eps) {
   constexpr int64_t kTileTokens = 4, kTileRows = 4;
   const int64_t K = X.size(-2) * X.size(-1), T = X.numel() / K, M = phi.size(0);
