@@ -8,7 +8,12 @@ per-token hyper-connection work. Target: ratio ≤ 1.15×.
 ``generate`` compiles the decoding forward (``CompileConfig``; on CPU it must be allowed explicitly). The
 first round, excluded from the medians, includes compilation (≈ 0.5–2 min per model on one core).
 
-    python benchmarks/bench_generate.py [--repeats 5] [--new-tokens 64] [--threads 1] [--compile] [--mixers …]
+``--perturb``: the hyper-connection weights are moved off their initialisation (Φ + N(0, 0.02²), b and α +
+N(0, 0.3²)), as training moves them, so that every mixer works away from its identity logits (at initialisation
+Sinkhorn's first round is already doubly stochastic and its polish stops at once).
+
+    python benchmarks/bench_generate.py [--repeats 5] [--new-tokens 64] [--threads 1] [--compile] [--perturb]
+        [--mixers …] [--backends …]
 """
 
 from __future__ import annotations
@@ -19,6 +24,16 @@ import torch
 from transformers import CompileConfig
 
 from bench_train_step import interleaved_times, jpmhc, llama, parse_process_args, print_table
+
+
+def perturb(model: torch.nn.Module) -> torch.nn.Module:
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "_hc." in name or "stream_collapse." in name:
+                scale = 0.02 if parameter.ndim == 2 else 0.3
+                parameter.add_(torch.randn(parameter.shape, generator=generator) * scale)
+    return model
 
 
 def generate_fn(model: torch.nn.Module, new_tokens: int, compile_model: bool = False):
@@ -45,17 +60,20 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--compile", action="store_true", help="static cache + compiled decoding, every model alike")
+    parser.add_argument("--perturb", action="store_true", help="hyper-connection weights moved off their init")
     parser.add_argument("--mixers", nargs="+", default=["stiefel", "sinkhorn", "kronecker"])
     parser.add_argument("--backends", nargs="+", default=["torch", "compiled"], help="JPmHC kernel_backend values")
     args = parse_process_args(parser)
     runs = {"llama": generate_fn(llama(), args.new_tokens, args.compile)}
     for mixer in args.mixers:
         for backend in args.backends:
-            runs[f"jpmhc n=4 {mixer} {backend}"] = generate_fn(jpmhc(mixer, kernel_backend=backend), args.new_tokens,
-                                                               args.compile)  # fmt: skip
+            model = jpmhc(mixer, kernel_backend=backend)
+            runs[f"jpmhc n=4 {mixer} {backend}"] = generate_fn(perturb(model) if args.perturb else model,
+                                                               args.new_tokens, args.compile)  # fmt: skip
     times = interleaved_times(runs, args.repeats)
     print_table(f"greedy generation, KV cache, batch 1, prompt 32, {args.new_tokens} new tokens, "
-                f"{args.process}, compile={args.compile}, {args.repeats} interleaved rounds", times, "llama",
+                f"{args.process}, compile={args.compile}, perturbed={args.perturb}, {args.repeats} interleaved rounds",
+                times, "llama",
                 target="target: ratio ≤ 1.15×")  # fmt: skip
 
 

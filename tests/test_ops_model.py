@@ -185,12 +185,15 @@ def test_cpu_path_backwards_match_autograd_of_the_references(use_compiled):
             torch.testing.assert_close(got, want, atol=2e-6, rtol=1e-5)
 
 
-@pytest.mark.parametrize(("n", "channels", "tokens"), [(2, 5, 7), (3, 37, 33), (4, 64, 21), (8, 19, 18)])
+@pytest.mark.parametrize(("n", "channels", "tokens"), [(2, 5, 7), (3, 37, 33), (4, 64, 21), (8, 19, 18), (4, 67, 2)])
 def test_cpu_kernels_match_the_references(n, channels, tokens):
     """Each hand-fused C++ loop of kernel_backend="compiled" (hf_jpmhc.ops.cpu) against the torch reference of
-    the same name: C not a multiple of the vector tile, tokens not a multiple of the blocks, two threads (the
-    read's ∂Φ sums per-thread buffers). The extension must build here: a silent fallback would test nothing."""
+    the same name: C not a multiple of the vector tile, tokens not a multiple of the blocks or fewer than a tile
+    (decoding), two threads (the read's ∂Φ sums per-thread buffers). The whole read at inference with the mixers
+    it has in C++: Sinkhorn near the identity (the rounds hand over to the Newton polish) and far from it.
+    The extension must build here: a silent fallback would test nothing."""
     from hf_jpmhc.models import hyper_connection as reference
+    from hf_jpmhc.models.mixers import build_mixer
     from hf_jpmhc.ops import cpu
 
     assert cpu._library() is not None, "the C++ CPU kernels did not build (see the warning)"
@@ -211,11 +214,22 @@ def test_cpu_kernels_match_the_references(n, channels, tokens):
         "update_streams": (streams, mixer, post, branch),
         "stream_update_grads": (streams, mixer, post, branch, grad_out),
     }
+    for name, logit_scale in (("sinkhorn", 1.0), ("sinkhorn", 3.0), ("stiefel", 1.0), ("kronecker", 1.0), (None, 1.0)):
+        if name == "kronecker" and n & (n - 1):
+            continue  # KromHC needs n = 2^K
+        read_mixer = build_mixer(name, n) if name else None
+        split_sizes = (n, n, read_mixer.num_logits) if name else (n, 0, 0)  # no mixer: the stream collapse's read
+        rows = sum(split_sizes)
+        bias = torch.cat([randn(2 * n), read_mixer.init_logits() + randn(rows - 2 * n)]) if name else randn(n)
+        read_args = (streams, randn(rows, n * channels) * 0.1, torch.rand(3, generator=g) * logit_scale,
+                     bias * logit_scale, split_sizes, 0.01, 1e-6, read_mixer)  # fmt: skip
+        cases[f"read_streams {name} ×{logit_scale}"] = read_args
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
         for name, args in cases.items():
-            got, want = getattr(cpu, name)(*args), getattr(reference, name)(*args)
+            function = name.split()[0]
+            got, want = getattr(cpu, function)(*args), getattr(reference, function)(*args)
             got, want = (got, want) if isinstance(want, tuple) else ((got,), (want,))
             for a, b in zip(got, want, strict=True):
                 torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=name)
@@ -223,6 +237,11 @@ def test_cpu_kernels_match_the_references(n, channels, tokens):
         torch.set_num_threads(threads)
     assert cpu.update_streams(streams.double(), mixer.double(), post.double(), branch.double()) is None  # falls back
     assert cpu.update_streams(streams, mixer[0, 0], post, branch) is None  # a mixer shared by all tokens
+    grassmann = build_mixer("grassmann", n)  # no C++ maths: the read falls back
+    rows = 2 * n + grassmann.num_logits
+    read_args = (streams, randn(rows, n * channels), torch.ones(3), randn(rows), (n, n, rows - 2 * n), 0.0, 1e-6,
+                 grassmann)  # fmt: skip
+    assert cpu.read_streams(*read_args) is None
     with pytest.raises(RuntimeError, match="one entry per token"):  # the loops check sizes themselves too
         cpu._library().collapse(streams, pre[..., :1].contiguous())
 
@@ -275,20 +294,25 @@ def test_compiled_backend_matches_torch_in_the_model(mixer, options):
     assert compiled_with_backward.cache_info().currsize == int(options.get("dynamic", True))
 
 
-def test_compiled_backend_matches_torch_at_inference():
-    """Without autograd, kernel_backend="compiled" runs each read (coefficients, mixer, collapse) as one compiled
-    function: the same logits and greedy tokens as the eager torch path, in the prefill and in cached decoding."""
+@pytest.mark.parametrize("mixer", ["sinkhorn", "grassmann"])
+def test_compiled_backend_matches_torch_at_inference(mixer):
+    """Without autograd, kernel_backend="compiled" runs each read (coefficients, mixer, collapse) as one call — the
+    C++ read for the mixers it has (Sinkhorn), else one inductor-compiled function (Grassmann) — and each write as
+    one C++ call: the same logits and greedy tokens as the eager torch path, in the prefill and cached decoding."""
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()  # graphs cached by earlier tests for the same shapes would hide the compile counted below
     ids = torch.randint(3, 128, (2, 7))
     runs, graphs = [], []
     for backend in ("torch", "compiled"):
-        model = _perturbed_model(mixer="sinkhorn", kernel_backend=backend).eval()
+        model = _perturbed_model(mixer=mixer, kernel_backend=backend).eval()
         with torch.no_grad():
             runs.append((model(ids).logits, model.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=0)))
         graphs.append(counters["stats"]["unique_graphs"])
-    assert graphs[1] > graphs[0], "kernel_backend='compiled' compiled nothing at inference"
+    if mixer == "sinkhorn":
+        assert graphs[1] == graphs[0], "the C++ read and write did not take every site: inductor compiled a fallback"
+    else:
+        assert graphs[1] > graphs[0], "kernel_backend='compiled' compiled nothing at inference"
     (logits_eager, tokens_eager), (logits_compiled, tokens_compiled) = runs
     torch.testing.assert_close(logits_compiled, logits_eager, atol=1e-5, rtol=1e-5)
     assert torch.equal(tokens_compiled, tokens_eager)

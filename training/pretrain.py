@@ -64,7 +64,7 @@ class PretrainConfig:
     mixer: str | None = field(default=None, metadata={"help": "override the preset's mixer"})
     num_streams: int | None = field(default=None, metadata={"help": "override the preset's number of streams"})
     kernel_backend: str | None = field(default=None, metadata={
-        "help": "override the preset's kernel_backend: auto, torch, triton, or compiled (the fast CPU training path)"})
+        "help": "override the preset's kernel_backend: auto, torch, triton, or compiled (the fast CPU path)"})
     # data
     dataset: str = field(default="shakespeare", metadata={"help": "'shakespeare' (offline), a local path or a Hub dataset"})
     dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset configuration name"})

@@ -34,8 +34,9 @@ class HyperConnectionConfig:
     hc_pre_eps:            added to the read weights, pre = σ(·) + eps (DeepSeek-V4 convention; 0 here).
     hc_collapse:           "learned" (σ head, DeepSeek-V4's HyperHead) or "mean" (fixed average of the streams).
     kernel_backend:        "auto" (Triton on CUDA, torch elsewhere), "torch", "triton", or "compiled": the torch
-                           path with its per-token passes (and, without autograd, each whole read) compiled by
-                           torch.compile — the fast CPU path (needs a C++ compiler; the first steps compile, ≈ 1 min).
+                           path with its per-token passes (and, without autograd, each whole read and write) as
+                           hf_jpmhc's C++ loops or torch.compile'd — the fast CPU path, for training and for
+                           generation (needs a C++ compiler; the first steps compile, ≈ 1 min).
     hc_recompute:          recompute the coefficients, mixers and mid-layer streams in the backward: per layer the
                            streams are stored once, as its input (mHC's recomputation).
     """

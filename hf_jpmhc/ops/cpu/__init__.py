@@ -1,11 +1,13 @@
-"""Hand-fused C++ loops for the CPU training path (``kernel_backend="compiled"``), float32.
+"""Hand-fused C++ loops for the CPU path (``kernel_backend="compiled"``), float32.
 
 ``kernels.cpp`` makes one pass over the streams per token for each of a hyper-connection's training passes;
-inductor's code for the same references makes one pass per output (the update's backward: four). Each function
-here has the name and signature of the torch reference in ``hf_jpmhc.models.hyper_connection`` it implements,
-and returns None where it does not apply — inputs not float32 on CPU, a mixer not given per token, or no C++
-build — so that the caller falls back to inductor. The extension is built at first use by
-``torch.utils.cpp_extension`` (a C++ compiler, as inductor needs, and ninja; cached under
+inductor's code for the same references makes one pass per output (the update's backward: four). Without
+autograd a whole read — coefficients, mixer and collapse — is one call, with the Sinkhorn, Cayley (stiefel) and
+Kronecker mixers' maths per token in C++: at one token (decoding) the cost of a site is its number of calls.
+Each function here has the name and signature of the torch reference in ``hf_jpmhc.models.hyper_connection`` it
+implements, and returns None where it does not apply — inputs not float32 on CPU, a mixer not given per token,
+a mixer without C++ maths, or no C++ build — so that the caller falls back to inductor. The extension is built
+at first use by ``torch.utils.cpp_extension`` (a C++ compiler, as inductor needs, and ninja; cached under
 ``TORCH_EXTENSIONS_DIR``); if that fails it warns once and everything runs on inductor.
 
 ``keep_freed_memory`` is the process-wide allocator setting that CPU training scripts apply (see there).
@@ -21,8 +23,10 @@ import warnings
 
 import torch
 
-__all__ = ["collapse_streams", "keep_freed_memory", "projection_and_rstd", "read_backward_streams", "row_dot",
-           "stream_update_grads", "update_streams"]
+from hf_jpmhc.models.mixers import KroneckerMixer, SinkhornMixer, StiefelMixer
+
+__all__ = ["collapse_streams", "keep_freed_memory", "projection_and_rstd", "read_backward_streams", "read_streams",
+           "row_dot", "stream_update_grads", "update_streams"]
 
 
 def keep_freed_memory() -> bool:
@@ -64,9 +68,10 @@ def _library():
 def _library_for(tensors: tuple, shapes: tuple):
     """The extension when every tensor is float32 on CPU with the per-token shape the loops index by (callers pass
     them contiguous), else None: the caller falls back to inductor."""
-    fits = all(t.device.type == "cpu" and t.dtype == torch.float32 and t.shape == shape
-               for t, shape in zip(tensors, shapes, strict=True))  # fmt: skip
-    return _library() if fits else None
+    for tensor, shape in zip(tensors, shapes, strict=True):  # a loop: at one token its cost is not negligible
+        if not (tensor.is_cpu and tensor.dtype == torch.float32 and tensor.shape == shape):
+            return None
+    return _library()
 
 
 def collapse_streams(streams, weights):
@@ -80,6 +85,27 @@ def projection_and_rstd(streams, phi, eps):
         return None
     zlin, rstd = lib.projection(streams, phi, eps)
     return zlin.view(streams.shape[:-2] + (-1,)), rstd.view(streams.shape[:-2] + (1,))
+
+
+def _mixer_kind(mixer) -> tuple[int, int, int] | None:
+    """(MixerKind, iters, newton_steps) of the mixers whose maths ``read_streams`` has in C++ (no mixer: 0, the
+    logits θ themselves), or None for any other mixer."""
+    if mixer is None:
+        return 0, 0, 0
+    if type(mixer) is SinkhornMixer and mixer.eps == 0:
+        return 1, mixer.iters, mixer.newton_steps
+    if type(mixer) is StiefelMixer and mixer.method == "solve":
+        return 2, 0, 0
+    return (3, 0, 0) if type(mixer) is KroneckerMixer else None
+
+
+def read_streams(streams, phi, alpha, bias, split_sizes, pre_eps, norm_eps, mixer=None):
+    kind = _mixer_kind(mixer)
+    n, c, m = *streams.shape[-2:], phi.shape[0]
+    lib = None if kind is None else _library_for((streams, phi, alpha, bias), (streams.shape, (m, n * c), (3,), (m,)))
+    if lib is None:
+        return None
+    return tuple(lib.read_streams(streams, phi, alpha, bias, split_sizes[1], pre_eps, norm_eps, *kind))
 
 
 def row_dot(vector, rows):

@@ -1,15 +1,16 @@
-// The CPU training path's per-token passes of a hyper-connection (kernel_backend="compiled"), float32, as
-// hand-fused loops: each reads the streams once per pass and computes every output of that pass, where
-// inductor makes one pass per output. Conventions and the maths are those of
-// hf_jpmhc/models/hyper_connection.py (the torch references); tokens are rows, X is (T, n, C) contiguous,
-// Φ is (M, nC). Tokens are split over at::parallel_for's threads; inner loops over C are vectorised by the
-// compiler (omp simd), the read's backward explicitly (GCC/Clang vector extensions, in registers).
+// The CPU path's per-token passes of a hyper-connection (kernel_backend="compiled"), float32, as hand-fused
+// loops: each reads the streams once per pass and computes every output of that pass, where inductor makes one
+// pass per output; and, for inference, a whole read in one call (read_streams). Conventions and the maths are
+// those of hf_jpmhc/models/hyper_connection.py and mixers.py (the torch references); tokens are rows, X is
+// (T, n, C) contiguous, Φ is (M, nC). Tokens are split over at::parallel_for's threads; inner loops over C are
+// vectorised by the compiler (omp simd), the read's backward explicitly (GCC/Clang vector extensions, in registers).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <vector>
 
 namespace {
@@ -110,6 +111,25 @@ std::vector<torch::Tensor> projection(const torch::Tensor& X, const torch::Tenso
   const int64_t K = X.size(-2) * X.size(-1), T = X.numel() / K, M = phi.size(0);
   check(X, "X", T * K), check(phi, "phi", M * K);
   auto zlin = torch::empty({T, M}, X.options()), rstd = torch::empty({T, 1}, X.options());
+  if (T < kTileTokens) {  // decoding: Φ row by row as it lies (repacking it would cost more than the product)
+    const float *x = X.data_ptr<float>(), *w = phi.data_ptr<float>();
+    float *z = zlin.data_ptr<float>(), *rs = rstd.data_ptr<float>();
+    for (int64_t t = 0; t < T; ++t) {
+      const float* xt = x + t * K;
+      float ss = 0.f;
+#pragma omp simd reduction(+ : ss)
+      for (int64_t k = 0; k < K; ++k) ss += xt[k] * xt[k];
+      rs[t] = 1.f / std::sqrt(ss / K + static_cast<float>(eps));
+      for (int64_t m = 0; m < M; ++m) {
+        const float* wm = w + m * K;
+        float d = 0.f;
+#pragma omp simd reduction(+ : d)
+        for (int64_t k = 0; k < K; ++k) d += xt[k] * wm[k];
+        z[t * M + m] = d * rs[t];
+      }
+    }
+    return {zlin, rstd};
+  }
   const int64_t padded = (M + kTileRows - 1) / kTileRows * kTileRows;  // rows of zeros complete the last tile
   const auto packed = panels_of(phi, padded);
   const int64_t panels = packed.size(0), vectorised = panels * kLanes;
@@ -149,6 +169,180 @@ std::vector<torch::Tensor> projection(const torch::Tensor& X, const torch::Tenso
     }
   });
   return {zlin, rstd};
+}
+
+// ---- a whole read without autograd (read_streams): coefficients, mixer and collapse in one call ----------------
+// The mixers' maths for one token, as hf_jpmhc/models/mixers.py computes it (its torch code is the reference);
+// the n×n matrices are row-major H[s, t], small enough that plain loops are the fast way.
+
+namespace {
+
+enum MixerKind : int64_t { kLogits = 0, kSinkhorn = 1, kCayley = 2, kKronecker = 3 };
+
+// a⁻¹ b in place (b gets the result), a (m, m) and b (m, k) row-major: Gauss–Jordan without pivoting, as
+// mixers.solve_small under torch.compile (the systems' symmetric parts are positive definite).
+void solve_small(double* a, double* b, int64_t m, int64_t k) {
+  for (int64_t p = 0; p < m; ++p) {
+    const double inv = 1.0 / a[p * m + p];
+    for (int64_t j = 0; j < m; ++j) a[p * m + j] *= inv;
+    for (int64_t j = 0; j < k; ++j) b[p * k + j] *= inv;
+    for (int64_t i = 0; i < m; ++i) {
+      if (i == p) continue;
+      const double f = a[i * m + p];
+      for (int64_t j = 0; j < m; ++j) a[i * m + j] -= f * a[p * m + j];
+      for (int64_t j = 0; j < k; ++j) b[i * k + j] -= f * b[p * k + j];
+    }
+  }
+}
+
+double row_error(const double* p, int64_t n) {  // max_s |Σ_t P[s, t] − 1|
+  double err = 0.0;
+  for (int64_t s = 0; s < n; ++s) {
+    double a = 0.0;
+    for (int64_t t = 0; t < n; ++t) a += p[s * n + t];
+    err = std::max(err, std::abs(a - 1.0));
+  }
+  return err;
+}
+
+void normalise_rows(double* p, int64_t n) {
+  for (int64_t s = 0; s < n; ++s) {
+    double a = 0.0;
+    for (int64_t t = 0; t < n; ++t) a += p[s * n + t];
+    for (int64_t t = 0; t < n; ++t) p[s * n + t] /= a;
+  }
+}
+
+void normalise_columns(double* p, int64_t n) {
+  for (int64_t t = 0; t < n; ++t) {
+    double a = 0.0;
+    for (int64_t s = 0; s < n; ++s) a += p[s * n + t];
+    for (int64_t s = 0; s < n; ++s) p[s * n + t] /= a;
+  }
+}
+
+// mixers.sinkhorn_iterate with eps = 0 (CPU, no autograd): a log-domain first round in float32, division rounds
+// in float64 that stop at NEWTON_BASIN (with ≥ NEWTON_FROM_BASIN polish steps to follow) or at 8 ulp of float32,
+// tested before the first and every fourth, then the Newton polish (sinkhorn_newton) to 8 ulp of float64.
+// scratch: 3n² + n doubles.
+void sinkhorn(const float* theta, float* h, int64_t n, int64_t iters, int64_t newton_steps, double* scratch) {
+  constexpr double kBasin = 2e-2, kRidge = 1e-9;  // mixers.NEWTON_BASIN, _scaling_solve's ridge
+  constexpr int64_t kFromBasin = 4;              // mixers.NEWTON_FROM_BASIN
+  double *p = scratch, *schur = p + n * n, *f = schur + n * n;
+  float* log_p = reinterpret_cast<float*>(schur);  // the first round's float32 logs, before the polish needs it
+  for (int64_t s = 0; s < n; ++s) {  // rows: log_softmax over t
+    const float* row = theta + s * n;
+    const float top = *std::max_element(row, row + n);
+    float sum = 0.f;
+    for (int64_t t = 0; t < n; ++t) sum += std::exp(row[t] - top);
+    for (int64_t t = 0; t < n; ++t) log_p[s * n + t] = row[t] - top - std::log(sum);
+  }
+  for (int64_t t = 0; t < n; ++t) {  // columns: log_softmax over s, then P = exp in float64
+    float top = log_p[t];
+    for (int64_t s = 1; s < n; ++s) top = std::max(top, log_p[s * n + t]);
+    float sum = 0.f;
+    for (int64_t s = 0; s < n; ++s) sum += std::exp(log_p[s * n + t] - top);
+    const float lse = top + std::log(sum);
+    for (int64_t s = 0; s < n; ++s) p[s * n + t] = std::exp(static_cast<double>(log_p[s * n + t] - lse));
+  }
+  const double tol = newton_steps >= kFromBasin ? kBasin : 8 * std::numeric_limits<float>::epsilon();
+  for (int64_t i = 0; i < iters - 1; ++i) {
+    if (i % 4 == 0 && row_error(p, n) <= tol) break;
+    normalise_rows(p, n), normalise_columns(p, n);
+  }
+  if (newton_steps > 0) normalise_columns(p, n);
+  for (int64_t step = 0; step < newton_steps; ++step) {  // solve S f = 1 − row for the row scalings (_scaling_solve)
+    if (row_error(p, n) <= 8 * std::numeric_limits<double>::epsilon()) break;
+    for (int64_t i = 0; i < n; ++i) {
+      double row = 0.0;
+      for (int64_t t = 0; t < n; ++t) row += p[i * n + t];
+      f[i] = 1.0 - row;
+      for (int64_t j = 0; j < n; ++j) {
+        double pp = 0.0;
+        for (int64_t t = 0; t < n; ++t) pp += p[i * n + t] * p[j * n + t];
+        schur[i * n + j] = (i == j ? row + kRidge : 0.0) - pp / (1 + kRidge) + 1.0;
+      }
+    }
+    solve_small(schur, f, n, 1);
+    for (int64_t s = 0; s < n; ++s) {
+      const double scale = std::exp(std::clamp(f[s], -2.0, 2.0));
+      for (int64_t t = 0; t < n; ++t) p[s * n + t] *= scale;
+    }
+    normalise_columns(p, n);
+  }
+  for (int64_t k = 0; k < n * n; ++k) h[k] = static_cast<float>(p[k]);
+}
+
+// mixers.cayley on A = Σ_k θ_k (E_ij − E_ji) over the strict upper triangle (skew_basis): (I − A/2)⁻¹(I + A/2) in
+// float64. scratch: 2n² doubles.
+void cayley(const float* theta, float* h, int64_t n, double* scratch) {
+  double *lhs = scratch, *rhs = scratch + n * n;
+  for (int64_t i = 0; i < n; ++i) lhs[i * n + i] = rhs[i * n + i] = 1.0;
+  for (int64_t i = 0, k = 0; i < n; ++i)
+    for (int64_t j = i + 1; j < n; ++j, ++k) {
+      const double half = static_cast<double>(theta[k]) / 2;
+      lhs[i * n + j] = -half, lhs[j * n + i] = half, rhs[i * n + j] = half, rhs[j * n + i] = -half;
+    }
+  solve_small(lhs, rhs, n, n);
+  for (int64_t k = 0; k < n * n; ++k) h[k] = static_cast<float>(rhs[k]);
+}
+
+// KroneckerMixer: H[s, t] = Π_k (p_k if s and t agree in bit k else 1 − p_k), p = σ(θ), bit 1 the most significant.
+void kronecker(const float* theta, float* h, int64_t n) {
+  int64_t bits = 0;
+  while ((int64_t{1} << bits) < n) ++bits;
+  for (int64_t s = 0; s < n; ++s)
+    for (int64_t t = 0; t < n; ++t) {
+      float a = 1.f;
+      for (int64_t k = 0; k < bits; ++k) {
+        const float p = 1.f / (1.f + std::exp(-theta[k]));
+        a *= ((s ^ t) >> (bits - 1 - k)) & 1 ? 1.f - p : p;
+      }
+      h[s * n + t] = a;
+    }
+}
+
+}  // namespace
+
+// read_streams: z = α · RMSNorm(flatten X) Φᵀ + b; pre = σ(z_pre) + pre_eps, post = 2σ(z_post), θ = z_res;
+// u = Σ_s pre_s X_s; and the mixer's H(θ) (kind ≠ kLogits) or θ itself. X (…, n, C) → u (…, C), post (…, n_post),
+// H (…, n, n) or θ (…, r): shaped here, since at one token a view from Python costs as much as this whole call.
+std::vector<torch::Tensor> read_streams(const torch::Tensor& X, const torch::Tensor& phi, const torch::Tensor& alpha,
+                                        const torch::Tensor& bias, int64_t n_post, double pre_eps, double norm_eps,
+                                        int64_t kind, int64_t iters, int64_t newton_steps) {
+  const int64_t n = X.size(-2), C = X.size(-1), T = X.numel() / (n * C), M = phi.size(0), r = M - n - n_post;
+  check(alpha, "alpha", 3), check(bias, "bias", M);
+  const bool fits = kind == kLogits     ? r >= 0
+                    : kind == kSinkhorn ? r == n * n
+                    : kind == kCayley   ? r == n * (n - 1) / 2
+                                        : kind == kKronecker && r >= 0 && (int64_t{1} << r) == n;
+  TORCH_CHECK(fits, "read_streams: ", r, " mixer logits do not fit mixer kind ", kind, " with ", n, " streams");
+  auto zlin = projection(X, phi, norm_eps)[0];  // (T, M), checks X and Φ
+  const auto lead = X.sizes().slice(0, X.dim() - 2);
+  auto shaped = [&](std::vector<int64_t> tail) {
+    tail.insert(tail.begin(), lead.begin(), lead.end());
+    return tail;
+  };
+  auto pre = torch::empty({T, n}, X.options()), post = torch::empty(shaped({n_post}), X.options());
+  auto mix = torch::empty(kind == kLogits ? shaped({r}) : shaped({n, n}), X.options());
+  const float *zl = zlin.data_ptr<float>(), *a = alpha.data_ptr<float>(), *b = bias.data_ptr<float>();
+  float *pr = pre.data_ptr<float>(), *po = post.data_ptr<float>(), *hm = mix.data_ptr<float>();
+  at::parallel_for(0, T, kGrain, [&](int64_t begin, int64_t end) {
+    std::vector<float> z(M);
+    std::vector<double> scratch(3 * n * n + n);  // every entry a mixer reads it has written first
+    for (int64_t t = begin; t < end; ++t) {
+      for (int64_t m = 0; m < M; ++m) z[m] = b[m] + zl[t * M + m] * a[m < n ? 0 : m < n + n_post ? 1 : 2];
+      for (int64_t s = 0; s < n; ++s) pr[t * n + s] = 1.f / (1.f + std::exp(-z[s])) + static_cast<float>(pre_eps);
+      for (int64_t s = 0; s < n_post; ++s) po[t * n_post + s] = 2.f / (1.f + std::exp(-z[n + s]));
+      const float* theta = z.data() + n + n_post;
+      float* h = hm + t * (kind == kLogits ? r : n * n);
+      if (kind == kLogits) std::copy(theta, theta + r, h);
+      else if (kind == kSinkhorn) sinkhorn(theta, h, n, iters, newton_steps, scratch.data());
+      else if (kind == kCayley) cayley(theta, h, n, scratch.data());
+      else kronecker(theta, h, n);
+    }
+  });
+  return {collapse(X, pre).view(shaped({C})), post, mix};
 }
 
 // The read's ∂X and ∂Φ in one pass (HyperConnectionRead.backward), x = flatten(X):
@@ -311,6 +505,7 @@ std::vector<torch::Tensor> update_backward(const torch::Tensor& X, const torch::
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("collapse", &collapse);
   m.def("projection", &projection);
+  m.def("read_streams", &read_streams);
   m.def("row_dot", &row_dot);
   m.def("read_backward", &read_backward);
   m.def("update", &update);
