@@ -188,8 +188,8 @@ def test_cpu_path_backwards_match_autograd_of_the_references(use_compiled):
 @pytest.mark.parametrize(("n", "channels", "tokens"), [(2, 5, 7), (3, 37, 33), (4, 64, 21), (8, 19, 18), (4, 67, 2)])
 def test_cpu_kernels_match_the_references(n, channels, tokens):
     """Each hand-fused C++ loop of kernel_backend="compiled" (hf_jpmhc.ops.cpu) against the torch reference of
-    the same name: C not a multiple of the vector tile, tokens not a multiple of the blocks or fewer than a tile
-    (decoding), two threads (the read's ∂Φ sums per-thread buffers). The whole read at inference with the mixers
+    the same name: C not a multiple of the vector tile, tokens not a multiple of the blocks or fewer than 8
+    (decoding: Φ read in place), two threads (the read's ∂Φ sums per-thread buffers). The whole read at inference with the mixers
     it has in C++: Sinkhorn near the identity (the rounds hand over to the Newton polish) and far from it.
     The extension must build here: a silent fallback would test nothing."""
     from hf_jpmhc.models import hyper_connection as reference
