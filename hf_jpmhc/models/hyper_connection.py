@@ -176,8 +176,8 @@ def read_backward_streams(streams, pre, grad_u, kappa, g, phi):
 def compiled(function):
     """``function`` on the kernel_backend="compiled" CPU path, made once per function: hf_jpmhc's hand-fused C++
     loop of the same name (``hf_jpmhc.ops.cpu``: one pass over the streams per token) where it takes the inputs,
-    else ``torch.compile(function)``. Inputs are passed detached and contiguous, so that neither autograd flags
-    nor the expanded first-layer streams cause recompiles."""
+    else ``torch.compile(function)``. Inputs are passed contiguous, and to inductor detached, so that neither the
+    expanded first-layer streams nor autograd flags cause recompiles."""
     try:  # absent when this file runs as remote code without the hf_jpmhc package
         from hf_jpmhc.ops import cpu
 
@@ -187,9 +187,11 @@ def compiled(function):
     inductor = torch.compile(function)
 
     def call(*args):
-        args = tuple(a.detach().contiguous() if isinstance(a, torch.Tensor) else a for a in args)
+        args = tuple(a.contiguous() if isinstance(a, torch.Tensor) else a for a in args)
         out = native(*args) if native is not None else None
-        return inductor(*args) if out is None else out
+        if out is None:
+            out = inductor(*(a.detach() if isinstance(a, torch.Tensor) else a for a in args))
+        return out
 
     return call
 
