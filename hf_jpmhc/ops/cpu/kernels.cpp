@@ -224,18 +224,19 @@ void normalise_columns(double* p, int64_t n) {
 // mixers.sinkhorn_iterate with eps = 0 (CPU, no autograd): a log-domain first round in float32, division rounds
 // in float64 that stop at NEWTON_BASIN (with ≥ NEWTON_FROM_BASIN polish steps to follow) or at 8 ulp of float32,
 // tested before the first and every fourth, then the Newton polish (sinkhorn_newton) to 8 ulp of float64.
-// scratch: 3n² + n doubles.
+// scratch: 2n² + 2n doubles.
 void sinkhorn(const float* theta, float* h, int64_t n, int64_t iters, int64_t newton_steps, double* scratch) {
   constexpr double kBasin = 2e-2, kRidge = 1e-9;  // mixers.NEWTON_BASIN, _scaling_solve's ridge
   constexpr int64_t kFromBasin = 4;              // mixers.NEWTON_FROM_BASIN
-  double *p = scratch, *schur = p + n * n, *f = schur + n * n;
+  double *p = scratch, *schur = p + n * n, *f = schur + n * n, *rows = f + n;
   float* log_p = reinterpret_cast<float*>(schur);  // the first round's float32 logs, before the polish needs it
   for (int64_t s = 0; s < n; ++s) {  // rows: log_softmax over t
     const float* row = theta + s * n;
     const float top = *std::max_element(row, row + n);
     float sum = 0.f;
     for (int64_t t = 0; t < n; ++t) sum += std::exp(row[t] - top);
-    for (int64_t t = 0; t < n; ++t) log_p[s * n + t] = row[t] - top - std::log(sum);
+    const float lse = top + std::log(sum);
+    for (int64_t t = 0; t < n; ++t) log_p[s * n + t] = row[t] - lse;
   }
   for (int64_t t = 0; t < n; ++t) {  // columns: log_softmax over s, then P = exp in float64
     float top = log_p[t];
@@ -252,17 +253,20 @@ void sinkhorn(const float* theta, float* h, int64_t n, int64_t iters, int64_t ne
   }
   if (newton_steps > 0) normalise_columns(p, n);
   for (int64_t step = 0; step < newton_steps; ++step) {  // solve S f = 1 − row for the row scalings (_scaling_solve)
-    if (row_error(p, n) <= 8 * std::numeric_limits<double>::epsilon()) break;
+    double err = 0.0;
     for (int64_t i = 0; i < n; ++i) {
-      double row = 0.0;
-      for (int64_t t = 0; t < n; ++t) row += p[i * n + t];
-      f[i] = 1.0 - row;
+      rows[i] = 0.0;
+      for (int64_t t = 0; t < n; ++t) rows[i] += p[i * n + t];
+      f[i] = 1.0 - rows[i];
+      err = std::max(err, std::abs(f[i]));
+    }
+    if (err <= 8 * std::numeric_limits<double>::epsilon()) break;
+    for (int64_t i = 0; i < n; ++i)
       for (int64_t j = 0; j < n; ++j) {
         double pp = 0.0;
         for (int64_t t = 0; t < n; ++t) pp += p[i * n + t] * p[j * n + t];
-        schur[i * n + j] = (i == j ? row + kRidge : 0.0) - pp / (1 + kRidge) + 1.0;
+        schur[i * n + j] = (i == j ? rows[i] + kRidge : 0.0) - pp / (1 + kRidge) + 1.0;
       }
-    }
     solve_small(schur, f, n, 1);
     for (int64_t s = 0; s < n; ++s) {
       const double scale = std::exp(std::clamp(f[s], -2.0, 2.0));
@@ -290,14 +294,12 @@ void cayley(const float* theta, float* h, int64_t n, double* scratch) {
 // KroneckerMixer: H[s, t] = Π_k (p_k if s and t agree in bit k else 1 − p_k), p = σ(θ), bit 1 the most significant.
 void kronecker(const float* theta, float* h, int64_t n) {
   int64_t bits = 0;
-  while ((int64_t{1} << bits) < n) ++bits;
+  float p[64];  // n = 2^bits fits in int64_t
+  for (; (int64_t{1} << bits) < n; ++bits) p[bits] = 1.f / (1.f + std::exp(-theta[bits]));
   for (int64_t s = 0; s < n; ++s)
     for (int64_t t = 0; t < n; ++t) {
       float a = 1.f;
-      for (int64_t k = 0; k < bits; ++k) {
-        const float p = 1.f / (1.f + std::exp(-theta[k]));
-        a *= ((s ^ t) >> (bits - 1 - k)) & 1 ? 1.f - p : p;
-      }
+      for (int64_t k = 0; k < bits; ++k) a *= ((s ^ t) >> (bits - 1 - k)) & 1 ? 1.f - p[k] : p[k];
       h[s * n + t] = a;
     }
 }
@@ -329,7 +331,7 @@ std::vector<torch::Tensor> read_streams(const torch::Tensor& X, const torch::Ten
   float *pr = pre.data_ptr<float>(), *po = post.data_ptr<float>(), *hm = mix.data_ptr<float>();
   at::parallel_for(0, T, kGrain, [&](int64_t begin, int64_t end) {
     std::vector<float> z(M);
-    std::vector<double> scratch(3 * n * n + n);  // every entry a mixer reads it has written first
+    std::vector<double> scratch(2 * n * n + 2 * n);  // every entry a mixer reads it has written first
     for (int64_t t = begin; t < end; ++t) {
       for (int64_t m = 0; m < M; ++m) z[m] = b[m] + zl[t * M + m] * a[m < n ? 0 : m < n + n_post ? 1 : 2];
       for (int64_t s = 0; s < n; ++s) pr[t * n + s] = 1.f / (1.f + std::exp(-z[s])) + static_cast<float>(pre_eps);
