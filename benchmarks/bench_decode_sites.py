@@ -19,7 +19,7 @@ import time
 import torch
 from transformers import DynamicCache
 
-import hf_jpmhc.models.hyper_connection as hc
+import hf_jpmhc.models.stream_passes as hc
 from bench_train_step import interleaved_times, jpmhc, llama
 
 

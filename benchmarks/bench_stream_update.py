@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from hf_jpmhc.models.hyper_connection import update_streams
+from hf_jpmhc.models.stream_passes import update_streams
 from hf_jpmhc.ops import cpu
 
 B, T, N, C = 8, 256, 4, 512  # one site of benchmark 1's model

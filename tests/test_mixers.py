@@ -199,7 +199,7 @@ def test_compiled_sinkhorn_polish_stops_where_eager_does(scale):
     Both equal eager mode, which tests after every fourth round and any step, to float64 rounding, and are
     doubly stochastic to it. Compiled with dynamic=True, where dynamo makes floats read from defaults or
     globals symbolic and torch.cond rejects them."""
-    from hf_jpmhc.models.mixers import NEWTON_BASIN, NEWTON_CHECKPOINT, sinkhorn_iterate
+    from hf_jpmhc.models.sinkhorn import NEWTON_BASIN, NEWTON_CHECKPOINT, sinkhorn_iterate
 
     generator = torch.Generator().manual_seed(0)
     theta = 4 * torch.eye(4, dtype=torch.float64) + scale * torch.randn(64, 4, 4, generator=generator, dtype=torch.float64)
