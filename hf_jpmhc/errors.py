@@ -61,8 +61,10 @@ def describe(error: BaseException) -> str | None:
         return f"{first_line} — the Hugging Face Hub is {state} and the local cache has no copy; {OFFLINE_HINT}"
     if any(isinstance(cause, RepositoryNotFoundError) for cause in causes):
         return f"{str(error).splitlines()[0]}; check the path or the Hub name"
-    if isinstance(error, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)) and error.filename:
-        return f"{error.strerror}: {error.filename}"
+    if isinstance(error, PermissionError) and error.filename:
+        return f"{error.strerror}: {error.filename}; choose a location you can write to, or change its permissions"
+    if isinstance(error, (FileNotFoundError, IsADirectoryError, NotADirectoryError)) and error.filename:
+        return f"{error.strerror}: {error.filename}; check the path"
     return message
 
 

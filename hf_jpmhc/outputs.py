@@ -22,8 +22,12 @@ STAGING_PREFIX = ".tmp-"
 
 
 def _staging_name(path: Path) -> Path:
-    """A hidden sibling of ``path`` keeping its suffix (libraries infer the format from it)."""
-    return path.with_name(f"{STAGING_PREFIX}{os.getpid()}-{path.name}")
+    """Where to write ``path`` first: a hidden name keeping its suffix (libraries infer the format from it), in the
+    nearest existing ancestor directory — the same filesystem, so the final rename is atomic, and ``path``'s
+    missing parents are created only when it is complete."""
+    path = path.absolute()
+    anchor = next(parent for parent in path.parents if parent.is_dir())
+    return anchor / f"{STAGING_PREFIX}{os.getpid()}-{path.name}"
 
 
 def ordinary_permissions(path: Path) -> None:
@@ -48,11 +52,11 @@ def check_output(path: str | Path, overwrite: bool) -> Path:
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """A staging file name to write ``path`` to: renamed over ``path`` when the block succeeds, removed if it fails."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     staging = _staging_name(path)
     try:
         yield staging
         ordinary_permissions(staging)
+        path.parent.mkdir(parents=True, exist_ok=True)
         os.replace(staging, path)
     finally:
         staging.unlink(missing_ok=True)
@@ -67,14 +71,10 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 @contextmanager
 def staged_directory(target: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
     """An empty staging directory that becomes ``target`` when the block succeeds (replacing an existing ``target``
-    only with ``overwrite``); if the block fails it is removed and ``target`` is left as it was.
-
-    The staging directory is made in the nearest existing ancestor (the same filesystem, so the final rename is
-    atomic) and ``target``'s missing parents only at the end: a failed run creates nothing.
-    """
+    only with ``overwrite``); if the block fails it is removed and ``target`` is left as it was: a failed run
+    creates nothing."""
     target = check_output(Path(target).absolute(), overwrite)
-    anchor = next(parent for parent in target.parents if parent.is_dir())
-    staging = _staging_name(anchor / target.name)
+    staging = _staging_name(target)
     shutil.rmtree(staging, ignore_errors=True)  # left by a killed run with the same pid
     staging.mkdir()
     try:
@@ -86,7 +86,10 @@ def staged_directory(target: str | Path, *, overwrite: bool = False) -> Iterator
         if target.exists():
             target.rename(previous)
         staging.rename(target)
-        shutil.rmtree(previous) if previous.is_dir() else previous.unlink(missing_ok=True)
+        if previous.is_dir():
+            shutil.rmtree(previous)
+        else:
+            previous.unlink(missing_ok=True)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -333,7 +333,7 @@ def test_a_bug_keeps_its_traceback():
     with pytest.raises(RuntimeError, match="size mismatch"), user_errors("prog"):
         raise RuntimeError("size mismatch in a matmul")
     assert describe(IndexError("list index out of range")) is None
-    assert describe(FileNotFoundError(2, "No such file or directory", "/x/y")) == "No such file or directory: /x/y"
+    assert describe(FileNotFoundError(2, "No such file or directory", "/x/y")) == "No such file or directory: /x/y; check the path"
 
 
 def test_saved_outputs_have_ordinary_permissions(inputs, tmp_path):
