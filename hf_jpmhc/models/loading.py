@@ -49,7 +49,7 @@ def _listed(keys: set[str] | dict[str, str]) -> str:
     return ", ".join(names[:SHOWN_KEYS]) + more
 
 
-def loaded_keys_report(model, loading_info) -> tuple[set[str], set[str]]:
+def forgiven_keys_removed(model, loading_info) -> tuple[set[str], set[str]]:
     """(missing, unexpected) keys of transformers' ``LoadStateDictInfo`` as the weights were read, with what
     ``from_pretrained`` later forgives applied to a copy: tied weights present once, keys the model ignores."""
     tied = model.all_tied_weights_keys
@@ -99,7 +99,7 @@ class StrictLoadingMixin:
 
     @classmethod
     def _finalize_model_loading(cls, model, load_config, loading_info):
-        missing, unexpected = loaded_keys_report(model, loading_info)
+        missing, unexpected = forgiven_keys_removed(model, loading_info)
         mismatched = () if load_config.ignore_mismatched_sizes else loading_info.mismatched_keys
         error = mismatch_error(model, load_config.pretrained_model_name_or_path, missing, unexpected, mismatched)
         if error is not None:
