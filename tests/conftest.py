@@ -138,3 +138,17 @@ def tiny_llama_kwargs(**overrides) -> dict:
     )
     kwargs.update(overrides)
     return kwargs
+
+
+def assert_ordinary_permissions(path, umask: int | None = None) -> None:
+    """``path`` and everything under it have the modes of an ordinary write under ``umask`` (default: the
+    current one): files 0666 & ~umask (0644 under 022), directories 0777 & ~umask (0755), not tempfile's 0600."""
+    from pathlib import Path
+
+    if umask is None:
+        umask = os.umask(0)
+        os.umask(umask)
+    path = Path(path)
+    for item in [path, *path.rglob("*")] if path.is_dir() else [path]:
+        expected = (0o777 if item.is_dir() else 0o666) & ~umask
+        assert item.stat().st_mode & 0o777 == expected, f"{item}: {item.stat().st_mode & 0o777:o}, expected {expected:o}"

@@ -22,7 +22,7 @@ from transformers import (
 from hf_jpmhc import MIXERS, JPmHCForCausalLM
 import hf_jpmhc.cli
 from hf_jpmhc.conversion import convert_llama
-from tests.conftest import tiny_llama_kwargs
+from tests.conftest import assert_ordinary_permissions, tiny_llama_kwargs
 
 SOURCE_CONFIGS = {
     "gqa-untied-default-rope": tiny_llama_kwargs(),
@@ -136,7 +136,7 @@ def test_invalid_hyper_connection_options_are_refused():
         convert_llama(source, num_streams=3, mixer="kronecker")
 
 
-def test_cli_converts_a_checkpoint_directory(tmp_path, monkeypatch):
+def test_cli_converts_a_checkpoint_directory(tmp_path, monkeypatch, capsys):
     from hf_jpmhc.data.checkpoints import smollm2_checkpoint
 
     # Through the real ``hf-jpmhc`` entry point, with only this area's sub-command registered.
@@ -160,10 +160,12 @@ def test_cli_converts_a_checkpoint_directory(tmp_path, monkeypatch):
     assert "base_model: my-org/tiny-llama" in (out / "README.md").read_text()
     assert AutoTokenizer.from_pretrained(out)("The capital").input_ids == tokenizer("The capital").input_ids
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging left behind
+    assert_ordinary_permissions(out)
     assert_same_function(source, AutoModelForCausalLM.from_pretrained(out).eval())
 
-    with pytest.raises(SystemExit, match="exists.*--overwrite"):
+    with pytest.raises(SystemExit) as exit_info:
         cli_main(argv)
+    assert exit_info.value.code == 2 and "exists; pass overwrite=True (--overwrite)" in capsys.readouterr().err
     cli_main([*argv[:4], "--mixer", "stiefel", "--overwrite"])
     assert json.loads((out / "config.json").read_text())["mixer"] == "stiefel"
 

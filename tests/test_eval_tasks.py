@@ -20,7 +20,7 @@ from eval.prepare import prepare
 from eval.run import main as run_main
 from eval.tasks import arc, bbh, drop
 from hf_jpmhc import JPmHCConfig, JPmHCForCausalLM
-from tests.conftest import tiny_llama_kwargs
+from tests.conftest import assert_ordinary_permissions, tiny_llama_kwargs
 
 FIXTURES = Path(__file__).parent / "fixtures" / "eval"
 
@@ -135,6 +135,8 @@ def test_same_numbers_twice_and_files_written(checkpoint, tmp_path, capsys):
     assert saved["results"] == first["results"]
     assert "| arc_easy |" in (tmp_path / "out" / "results.md").read_text() and "| drop |" in capsys.readouterr().out
     assert len((tmp_path / "out" / "samples_drop.jsonl").read_text().splitlines()) == 3
+    assert_ordinary_permissions(tmp_path / "out")
+    assert_ordinary_permissions(checkpoint / "README.md")
 
     from huggingface_hub import ModelCard
 

@@ -18,6 +18,7 @@ import pytest
 
 from hf_jpmhc.data.text import build_lm_datasets, byte_tokenizer, load_text_dataset, load_tokenizer, strip_gutenberg
 from training import pretrain
+from tests.conftest import assert_ordinary_permissions
 from training.common import read_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
@@ -69,6 +70,8 @@ def test_end_to_end_run_saves_a_hub_ready_checkpoint(uninterrupted):
     card = (final / "README.md").read_text()
     assert "## Training" in card and f"{MAX_STEPS} / " in card and "perplexity" in card
     assert sorted(p.name for p in (output_dir / "checkpoints").iterdir()) == ["checkpoint-12", "checkpoint-9"]
+    for path in output_dir.iterdir():  # 0644 / 0755, not safetensors' 0600, in final/ and checkpoints/
+        assert_ordinary_permissions(path)
 
     # The saved model and tokenizer reproduce the logged validation loss.
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -158,16 +161,26 @@ def test_local_jsonl_with_a_named_text_column(tmp_path):
         load_text_dataset(str(tmp_path / "docs.jsonl"))
 
 
-def test_block_size_above_max_position_embeddings_is_refused(model_json, tmp_path):
-    with pytest.raises(ValueError, match="block_size=128 exceeds the model's max_position_embeddings=64"):
-        pretrain.main(run_args(tmp_path, model_json, block_size=128))
+def refused(argv: list[str], capsys) -> str:
+    """The one-line message ``pretrain.main(argv)`` exits with (status 2: bad input)."""
+    with pytest.raises(SystemExit) as exit_info:
+        pretrain.main(argv)
+    assert exit_info.value.code == 2
+    return capsys.readouterr().err.splitlines()[-1]
 
 
-def test_missing_tokenizer_is_refused(model_json, tmp_path):
+def test_block_size_above_max_position_embeddings_is_refused(model_json, tmp_path, capsys):
+    message = refused(run_args(tmp_path / "run", model_json, block_size=128), capsys)
+    assert message.startswith("pretrain.py: error: block_size=128 exceeds the model's max_position_embeddings=64")
+    assert not (tmp_path / "run").exists()
+
+
+def test_missing_tokenizer_is_refused(model_json, tmp_path, capsys):
     with pytest.raises(ValueError, match="tokenizer='/no/such/tokenizer' could not be loaded"):
         load_tokenizer("/no/such/tokenizer")
-    with pytest.raises(ValueError, match="tokenizer='/no/such/tokenizer' could not be loaded"):
-        pretrain.main(run_args(tmp_path, model_json, tokenizer="/no/such/tokenizer"))
+    message = refused(run_args(tmp_path / "run", model_json, tokenizer="/no/such/tokenizer"), capsys)
+    assert "tokenizer='/no/such/tokenizer' could not be loaded" in message
+    assert not (tmp_path / "run").exists()
 
 
 def test_unknown_yaml_key_and_preset_are_refused(tmp_path):

@@ -35,6 +35,7 @@ from hf_jpmhc import (
 )
 from hf_jpmhc.data.images import load_image_dataset
 from hf_jpmhc.model_card import save_pretrained_with_card
+from tests.conftest import assert_ordinary_permissions
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -327,6 +328,8 @@ def test_tiny_finetune_run_saves_a_pipeline_ready_checkpoint(tmp_path):
     results = finetune_main()([f"--output_dir={tmp_path}", "--max_steps=2", *TINY_FINETUNE])
     assert results["steps"] == 2 and results["images"] == 64 and 0.0 <= results["test_accuracy"] <= 1.0
     assert json.loads((tmp_path / "results.json").read_text())["dataset"] == "mnist_5k"
+    for path in tmp_path.iterdir():  # (tmp_path itself is pytest's, 0700)
+        assert_ordinary_permissions(path)
     classifier = pipeline("image-classification", model=str(tmp_path / "final"))
     assert type(classifier.model) is JPmHCViTForImageClassification
     image = load_image_dataset("mnist_5k")["test"][0]["image"]

@@ -28,6 +28,7 @@ from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_jpmhc import JPmHCConfig
 from .hyper_connection import HyperConnection, StreamCollapse, expand_streams
+from .loading import StrictLoadingMixin
 from .mixers import Mixer, build_mixer
 
 try:  # transformers >= 5.21
@@ -109,7 +110,7 @@ class JPmHCDecoderLayer(GradientCheckpointingLayer):
             return self.mlp_hc.write(hidden_states, self.mlp(self.post_attention_layernorm(u)), post, mix)
 
 
-class JPmHCPreTrainedModel(PreTrainedModel):
+class JPmHCPreTrainedModel(StrictLoadingMixin, PreTrainedModel):  # from_pretrained refuses mismatched weights
     config: JPmHCConfig
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
