@@ -1,7 +1,10 @@
-"""eval/: every task end to end on small real fixtures with a tiny JPmHC checkpoint, plus the pieces.
+"""eval/: every task end to end with a tiny JPmHC checkpoint, each number checked against an independent computation
+on the same items and prompts — lm-eval-harness on local task YAMLs (ARC, DROP, BBH-style), a plain decoding loop
+and grid comparison written here (ARC-AGI) — plus the pieces.
 
-The fixtures (tests/fixtures/eval) are rows of the offline cache written by ``python -m eval.prepare``.
-The slow checks at the bottom use the real SmolLM2-135M checkpoint:
+The fixtures (tests/fixtures/eval) are rows of the offline cache written by ``python -m eval.prepare`` (checked).
+``slow``: the same checks on the data ``eval.prepare`` writes for every task (package downloads on a fresh machine),
+the harness as a command on a fresh process, and the real SmolLM2-135M checkpoint:
 ``python -m pytest -m slow tests/test_eval_tasks.py``.
 """
 
