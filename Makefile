@@ -1,14 +1,21 @@
 # Quick start: `make demo` (set up, pretrain + evaluate + save a small JPmHC model on CPU) and `make test`.
 PYTHON ?= python3
 VENV ?= .venv
+LOWEST_VENV ?= .venv-lowest
 BIN := $(VENV)/bin
+LOWEST_BIN := $(LOWEST_VENV)/bin
 # CPU build of torch where there is no CUDA (the generic wheel pulls several GB of CUDA libraries).
 TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo "torch" || echo "torch==2.13.0")
 DEMO_DIR ?= runs/demo
 DEMO_TASKS ?= arc_easy,arc_challenge,drop
+# What also runs on the lowest declared transformers / accelerate / peft: models, conversion, remote code,
+# generation, PEFT, and checkpoints moving between the two environments.
+LOWEST_TESTS ?= tests/test_modeling.py tests/test_config.py tests/test_convert_llama.py tests/test_vit.py \
+	tests/test_remote_code.py tests/test_deepseek_v4.py tests/test_peft.py tests/test_cross_version.py
 
-.PHONY: setup demo test test-fast bench compare-mixers vision-experiment
+.PHONY: setup setup-lowest demo test test-newest test-lowest test-fast bench compare-mixers vision-experiment
 
+# The newest releases pip resolves today (as a new user gets them).
 $(BIN)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
@@ -16,7 +23,18 @@ $(BIN)/.installed: pyproject.toml Makefile
 	$(BIN)/pip install -q -e ".[triton,dev]"
 	touch $@
 
+# The lowest versions pyproject.toml declares (.ci/lowest_constraints.py reads them from there).
+$(LOWEST_BIN)/.installed: pyproject.toml Makefile .ci/lowest_constraints.py
+	$(PYTHON) -m venv $(LOWEST_VENV)
+	$(LOWEST_BIN)/pip install -q --upgrade pip
+	$(LOWEST_BIN)/pip install -q "$(TORCH_SPEC)"
+	$(PYTHON) .ci/lowest_constraints.py > $(LOWEST_VENV)/constraints.txt
+	$(LOWEST_BIN)/pip install -q -c $(LOWEST_VENV)/constraints.txt -e ".[triton,test]"
+	touch $@
+
 setup: $(BIN)/.installed
+
+setup-lowest: $(LOWEST_BIN)/.installed
 
 # The main job: pretrain jpmhc-tiny (n = 4, Stiefel mixer) on offline Shakespeare, evaluate it, and leave a
 # Hub-ready checkpoint with the results in its model card.
@@ -28,9 +46,15 @@ demo: setup
 	@echo "checkpoint: $(DEMO_DIR)/final (README.md model card with eval results)"
 	@echo "logs:       $(DEMO_DIR)/logs/metrics.jsonl   evaluation: $(DEMO_DIR)/eval/results.md"
 
-# Every test, the slow ones included (the whole suite fits CI's budget on 2 CPU cores).
-test: setup
-	$(BIN)/python -m pytest -q
+# What CI runs: the lowest declared versions (a subset), then the whole suite on the newest releases. Each leg
+# prints its versions in pytest's header and checks checkpoints against the other environment.
+test: test-lowest test-newest
+
+test-newest: setup setup-lowest
+	HF_JPMHC_OTHER_PYTHON=$(CURDIR)/$(LOWEST_BIN)/python $(BIN)/python -m pytest -q
+
+test-lowest: setup setup-lowest
+	HF_JPMHC_OTHER_PYTHON=$(CURDIR)/$(BIN)/python $(LOWEST_BIN)/python -m pytest -q $(LOWEST_TESTS)
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow"

@@ -31,10 +31,10 @@ def decode_fn(model: torch.nn.Module, new_tokens: int):
     @torch.inference_mode()
     def run() -> float:
         cache = DynamicCache(config=model.config)
-        token = model(input_ids=prompt, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+        token = model(input_ids=prompt, cache=cache, use_cache=True).logits[:, -1:].argmax(-1)
         start = time.perf_counter()
         for _ in range(new_tokens):
-            token = model(input_ids=token, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+            token = model(input_ids=token, cache=cache, use_cache=True).logits[:, -1:].argmax(-1)
         return time.perf_counter() - start
 
     return run

@@ -29,9 +29,9 @@ def smollm2_checkpoint() -> Path:
     gguf_dir, gguf_file = (package / SMOLLM2_GGUF).parent, (package / SMOLLM2_GGUF).name
     quantised = LlamaForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_file)
     config = quantised.config
-    config.quantization_config = None
-    if hasattr(config, "_pre_quantization_dtype"):
-        del config._pre_quantization_dtype
+    for name in ("quantization_config", "_pre_quantization_dtype"):  # not even as null: older transformers would
+        if hasattr(config, name):  # then take the checkpoint for a quantised one
+            delattr(config, name)
     model = LlamaForCausalLM(config)
     model.load_state_dict(quantised.state_dict())
     model.generation_config = quantised.generation_config

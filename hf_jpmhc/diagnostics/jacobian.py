@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from ..models.hyper_connection import collapse_streams
+from ..models.modeling_jpmhc import CACHE
 from .ensemble import SiteCoefficients
 
 StreamMap = Callable[[torch.Tensor], torch.Tensor]
@@ -166,7 +167,7 @@ def measure_sites(model: torch.nn.Module, input_ids: torch.Tensor, keep_blocks: 
 
     def keep_kwargs(index: int):
         def hook(module, args, kwargs):
-            attention_kwargs[index] = {k: v for k, v in kwargs.items() if k not in ("hidden_states", "past_key_values")}
+            attention_kwargs[index] = {k: v for k, v in kwargs.items() if k not in ("hidden_states", CACHE)}
 
         return hook
 

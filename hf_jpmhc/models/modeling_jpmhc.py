@@ -9,6 +9,7 @@ changes. Per decoder layer, with X the streams (B, T, n, C):
 K/V caches are untouched: attention only ever sees the single-stream input u.
 """
 
+import inspect
 
 import torch
 from torch import nn
@@ -18,7 +19,7 @@ from transformers.generation import GenerationMixin
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GenericForSequenceClassification, GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
-from transformers.modeling_utils import PreTrainedModel, slice_logits_to_keep
+from transformers.modeling_utils import PreTrainedModel
 from transformers.models.llama.modeling_llama import LlamaAttention, LlamaMLP, LlamaRMSNorm, LlamaRotaryEmbedding
 from transformers.processing_utils import Unpack
 from transformers.utils import TransformersKwargs, can_return_tuple
@@ -29,6 +30,21 @@ from .configuration_jpmhc import JPmHCConfig
 from .hyper_connection import HyperConnection, StreamCollapse, expand_streams
 from .mixers import Mixer, build_mixer
 
+try:  # transformers >= 5.21
+    from transformers.modeling_utils import slice_logits_to_keep
+except ImportError:
+
+    def slice_logits_to_keep(hidden_states: torch.Tensor, logits_to_keep: int | torch.Tensor) -> torch.Tensor:
+        """The last ``logits_to_keep`` positions (0: all) or the given 1-D positions: (B, T, C) → (B, T', C)."""
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        return hidden_states[:, keep, :]
+
+
+# transformers 5.24 renamed the KV-cache argument and output field ``past_key_values`` → ``cache`` (models, masks,
+# outputs and generate; the old name is deprecated until 5.40). CACHE is the installed version's name, read once
+# from its own Llama attention: the model passes the cache on under that name and returns it in that field, so it
+# speaks each version's API, without deprecation warnings, from one source file (remote code runs on any version).
+CACHE = "cache" if "cache" in inspect.signature(LlamaAttention.forward).parameters else "past_key_values"
 
 def build_hyper_connection(config, site: int, norm_eps: float) -> HyperConnection:
     """The hyper-connection of branch number ``site`` (2·layer for attention, 2·layer + 1 for the MLP)."""
@@ -72,17 +88,15 @@ class JPmHCDecoderLayer(GradientCheckpointingLayer):
         hidden_states: torch.Tensor,  # the streams X: (B, T, n, C)
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
         use_cache: bool | None = False,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
-        **kwargs: Unpack[TransformersKwargs],
+        **kwargs: Unpack[TransformersKwargs],  # the KV cache arrives here, under the name CACHE
     ) -> torch.Tensor:
         u, post, mix = self.attn_hc.read(hidden_states)  # (B, T, C)
         attn_output, _ = self.self_attn(
             hidden_states=self.input_layernorm(u),
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
             use_cache=use_cache,
             position_embeddings=position_embeddings,
             **kwargs,
@@ -100,7 +114,7 @@ class JPmHCPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules = ["JPmHCDecoderLayer"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = [CACHE]
     _supports_flash_attn = True
     _supports_sdpa = True
     _supports_flex_attn = True
@@ -154,19 +168,20 @@ class JPmHCModel(JPmHCPreTrainedModel):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> BaseModelOutputWithPast:
+        cache = kwargs.pop("past_key_values", cache)  # the name generate() passes before transformers 5.24
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=self.config)
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
         if position_ids is None:
-            past_seen_tokens = past_key_values.get_seq_length() if past_key_values is not None else 0
+            past_seen_tokens = cache.get_seq_length() if cache is not None else 0
             position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen_tokens
             position_ids = position_ids.unsqueeze(0)
 
@@ -174,8 +189,8 @@ class JPmHCModel(JPmHCPreTrainedModel):
             config=self.config,
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
-            past_key_values=past_key_values,
             position_ids=position_ids,
+            **{CACHE: cache},
         )
         position_embeddings = self.rotary_emb(inputs_embeds, position_ids=position_ids)
 
@@ -186,12 +201,12 @@ class JPmHCModel(JPmHCPreTrainedModel):
                 attention_mask=causal_mask,
                 position_embeddings=position_embeddings,
                 position_ids=position_ids,
-                past_key_values=past_key_values,
                 use_cache=use_cache,
+                **{CACHE: cache},
                 **kwargs,
             )
         hidden_states = self.norm(self.stream_collapse(streams))  # (B, T, C)
-        return BaseModelOutputWithPast(last_hidden_state=hidden_states, past_key_values=past_key_values)
+        return BaseModelOutputWithPast(last_hidden_state=hidden_states, **{CACHE: cache})
 
 
 class JPmHCForCausalLM(JPmHCPreTrainedModel, GenerationMixin):
@@ -212,18 +227,19 @@ class JPmHCForCausalLM(JPmHCPreTrainedModel, GenerationMixin):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         **kwargs: Unpack[TransformersKwargs],
     ) -> CausalLMOutputWithPast:
+        cache = kwargs.pop("past_key_values", cache)  # the name generate() passes before transformers 5.24
         outputs: BaseModelOutputWithPast = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=cache,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             **kwargs,
@@ -236,9 +252,9 @@ class JPmHCForCausalLM(JPmHCPreTrainedModel, GenerationMixin):
         return CausalLMOutputWithPast(
             loss=loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
+            **{CACHE: getattr(outputs, CACHE)},
         )
 
 
