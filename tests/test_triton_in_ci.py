@@ -1,4 +1,5 @@
-"""Under CI=true a missing triton fails the Triton tests instead of skipping them (tests/conftest.py)."""
+"""Under CI=true a missing triton fails the Triton tests instead of skipping them (tests/conftest.py); elsewhere they
+skip with the reason (``slow``: a second child pytest)."""
 
 import os
 import subprocess
@@ -13,7 +14,8 @@ WITHOUT_TRITON = "import sys; sys.modules['triton'] = None; import pytest; sys.e
 ONE_TRITON_TEST = ["tests/test_ops.py", "-k", "test_collapse_matches_reference and B2T5 and fp32", "-p", "no:cacheprovider", "-q"]
 
 
-@pytest.mark.parametrize("ci, outcome", [("true", "1 error"), ("", "1 skipped")], ids=["CI=true", "local"])
+@pytest.mark.parametrize("ci, outcome", [pytest.param("true", "1 error", id="CI=true"),
+                                         pytest.param("", "1 skipped", id="local", marks=pytest.mark.slow)])
 def test_missing_triton_fails_in_ci_and_skips_locally(ci, outcome):
     env = {**os.environ, "CI": ci, "PYTHONPATH": str(REPO)}
     result = subprocess.run([sys.executable, "-c", WITHOUT_TRITON, *ONE_TRITON_TEST, "-rs"], cwd=REPO, env=env,
