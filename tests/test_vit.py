@@ -7,6 +7,7 @@ Fast by default (the whole file is budgeted at 1.5 minutes); the real-data check
 import copy
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -336,11 +337,28 @@ def test_tiny_finetune_run_saves_a_pipeline_ready_checkpoint(tmp_path):
     assert classifier(image)[0]["label"] in [str(d) for d in range(10)]
 
 
-@pytest.mark.slow
-def test_finetune_resumes_exactly(tmp_path):
+def test_finetune_resume_starts_from_the_checkpoint_state(tmp_path, monkeypatch):
+    """``--resume`` after a scheduled stop at step 2 of 4: the process starts from checkpoint-2's counters, optimiser,
+    scheduler and weights, logs the uninterrupted run's losses for steps 3 and 4 and ends with its test metrics.
+    The control — the same command with the checkpoints removed — starts over and logs other first losses."""
+    from tests.resume import assert_not_a_resume, assert_resumed_from, assert_same_losses, record_training_runs
+
     main = finetune_main()
-    full = main([f"--output_dir={tmp_path / 'full'}", "--max_steps=4", *TINY_FINETUNE])
-    main([f"--output_dir={tmp_path / 'resumed'}", "--max_steps=4", "--stop_after=2", *TINY_FINETUNE])
-    resumed = main([f"--output_dir={tmp_path / 'resumed'}", "--max_steps=4", "--resume", *TINY_FINETUNE])
+    runs = record_training_runs(monkeypatch, sys.modules[main.__module__])
+    args = lambda name: [f"--output_dir={tmp_path / name}", "--max_steps=4", *TINY_FINETUNE]  # noqa: E731
+    full = main(args("full"))
+    reference = runs[-1].losses()
+    main([*args("resumed"), "--stop_after=2"])
+    checkpoint = Path(shutil.copytree(tmp_path / "resumed" / "checkpoints" / "checkpoint-2", tmp_path / "saved" / "checkpoint-2"))
+    shutil.copytree(tmp_path / "resumed", tmp_path / "control")
+    shutil.rmtree(tmp_path / "control" / "checkpoints")
+
+    resumed = main([*args("resumed"), "--resume"])
+    assert_resumed_from(runs[-1], checkpoint)
+    assert sorted(runs[-1].losses()) == [3, 4]
+    assert_same_losses(runs[-1], reference)
     assert resumed["test_loss"] == pytest.approx(full["test_loss"], abs=1e-6)
     assert resumed["test_accuracy"] == full["test_accuracy"]
+
+    main([*args("control"), "--resume", "--stop_after=2"])
+    assert_not_a_resume(runs[-1], runs[-2])
