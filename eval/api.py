@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import platform
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+
+from hf_jpmhc.outputs import atomic_write_text
 
 from .lm import CausalLM
 from .tasks import TASK_NAMES, TaskResult, get_task
@@ -34,13 +34,6 @@ CARD_DATASETS = {
     "bbh": ("lukaemon/bbh", None, "BBH", "test", "text-generation"),
     "arc_agi": ("arc-agi-1", None, "ARC-AGI-1 evaluation", "evaluation", "text-generation"),
 }
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, encoding="utf-8", suffix=".tmp") as f:
-        f.write(text)
-    os.replace(f.name, path)
 
 
 def markdown_table(results: dict[str, dict]) -> str:
@@ -92,7 +85,7 @@ def update_model_card(model_dir: str | Path, results: dict[str, dict]) -> Path:
     kept = [e for e in card.data.eval_results or [] if (e.dataset_type, e.dataset_config, e.metric_type) not in replaced]
     card.data.eval_results = kept + new
     card.data.model_name = card.data.model_name or Path(model_dir).resolve().name
-    _atomic_write(path, str(card))
+    atomic_write_text(path, str(card))
     return path
 
 
@@ -148,10 +141,10 @@ def evaluate_model(
     }
     if output_dir is not None:
         out = Path(output_dir)
-        _atomic_write(out / "results.json", json.dumps(report, indent=2) + "\n")
-        _atomic_write(out / "results.md", markdown_table(results))
+        atomic_write_text(out / "results.json", json.dumps(report, indent=2) + "\n")
+        atomic_write_text(out / "results.md", markdown_table(results))
         for name, r in per_task.items():
-            _atomic_write(out / f"samples_{name}.jsonl", "".join(json.dumps(s) + "\n" for s in r.samples))
+            atomic_write_text(out / f"samples_{name}.jsonl", "".join(json.dumps(s) + "\n" for s in r.samples))
     if update_card:
         update_model_card(model, results)
     return report

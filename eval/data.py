@@ -20,8 +20,8 @@ SOURCES = ("auto", "hub", "cache")
 PREPARE_COMMAND = "python -m eval.prepare"
 
 
-class DataUnavailableError(RuntimeError):
-    """Neither the Hub nor the offline cache could provide a task's data."""
+class DataUnavailableError(FileNotFoundError):
+    """Neither the Hub nor the offline cache could provide a task's data (a user error: the message says what to run)."""
 
 
 def default_data_dir() -> Path:

@@ -73,13 +73,12 @@ class CausalLM:
         batch_size: int = 8,
         max_length: int | None = None,
     ) -> CausalLM:
-        """Load a checkpoint directory (or Hub name); ``import hf_jpmhc`` first registers JPmHC models."""
-        try:
-            import hf_jpmhc  # noqa: F401  (registers JPmHCConfig/JPmHCForCausalLM with the Auto classes)
-        except ImportError:
-            pass
+        """Load a checkpoint directory (or Hub name) with ``hf_jpmhc.loading.load_pretrained``: the path is checked
+        first and weights that do not match the config are refused (importing hf_jpmhc registers JPmHC models)."""
+        from hf_jpmhc.loading import load_pretrained
+
+        model = load_pretrained(AutoModelForCausalLM, path, dtype=dtype, trust_remote_code=trust_remote_code)
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
         return cls(model.to(device), tokenizer, batch_size=batch_size, max_length=max_length)
 
     @property

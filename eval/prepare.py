@@ -14,8 +14,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from hf_jpmhc.errors import user_errors
+
 from .data import default_data_dir
 from .tasks import TASK_NAMES, get_task
+
+
+PROG = "python -m eval.prepare"
 
 
 def parse_tasks(text: str) -> list[str]:
@@ -30,6 +35,9 @@ def parse_tasks(text: str) -> list[str]:
 def prepare(tasks: list[str] | None = None, data_dir: str | Path | None = None, *,
             bigbench_sdist: str | Path | None = None) -> dict[str, dict[str, int]]:
     """Write the offline copies of ``tasks``; returns ``{task: {split: rows}}``."""
+    if bigbench_sdist is not None and not Path(bigbench_sdist).is_file():
+        raise FileNotFoundError(f"{bigbench_sdist}: no such file; pass the path of bigbench-1.0.0.tar.gz, or leave "
+                                "--bigbench-sdist out to stream it from PyPI")  # fmt: skip
     data_dir = Path(data_dir) if data_dir else default_data_dir()
     data_dir.mkdir(parents=True, exist_ok=True)
     counts = {}
@@ -43,8 +51,9 @@ def prepare(tasks: list[str] | None = None, data_dir: str | Path | None = None, 
     return counts
 
 
+@user_errors(PROG)
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m eval.prepare", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", default=",".join(TASK_NAMES), help=f"comma-separated subset of {','.join(TASK_NAMES)}")
     parser.add_argument("--data-dir", default=None, help="cache directory (default: $HF_JPMHC_CACHE/eval)")
     parser.add_argument("--bigbench-sdist", default=None, help="a local bigbench-1.0.0.tar.gz instead of streaming it")

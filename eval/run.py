@@ -13,12 +13,15 @@ import argparse
 
 import torch
 
+from hf_jpmhc.errors import user_errors
+
 from .api import evaluate_model, markdown_table
 from .data import SOURCES
 from .prepare import parse_tasks
 from .tasks import TASK_NAMES
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+PROG = "python -m eval.run"
 
 
 def positive_int(text: str) -> int:
@@ -29,7 +32,7 @@ def positive_int(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m eval.run", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, help="checkpoint directory or Hub name of a causal LM")
     parser.add_argument("--tasks", default=",".join(TASK_NAMES), help=f"comma-separated subset of {','.join(TASK_NAMES)}")
     parser.add_argument("--limit", type=positive_int, default=None, help="examples per task (per subtask for bbh)")
@@ -47,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@user_errors(PROG)
 def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     report = evaluate_model(

@@ -1,13 +1,16 @@
 """``hf-jpmhc``: one command, one sub-command per area (convert, spectrum, gain, ...).
 
-Each area module exposes ``register(subparsers)``, which adds its sub-command and sets ``func``; modules
-are imported only when the CLI starts, and should import heavy dependencies inside ``func``.
+Each area module exposes ``register(subparsers)``, which adds its sub-command and sets ``func`` and ``prog``
+(the sub-command's name in error messages); modules are imported only when the CLI starts, and should import
+heavy dependencies inside ``func``. Bad input exits with status 2 and one line (``hf_jpmhc.errors``).
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+
+from .errors import user_errors
 
 COMMAND_MODULES = (
     "hf_jpmhc.conversion.cli",
@@ -25,7 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    args.func(args)
+    with user_errors(args.prog):
+        args.func(args)
 
 
 if __name__ == "__main__":

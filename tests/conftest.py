@@ -1,6 +1,11 @@
 """Test environment: offline Hub, Triton in interpreter mode, caches in a temporary HF_HOME; the versions under
-test printed with the summary; transformers' deprecation warnings raised through our code fail the test."""
+test printed with the summary; transformers' deprecation warnings raised through our code fail the test.
 
+Tests marked ``triton`` skip (with the reason) where triton cannot be imported — except under ``CI=true``, where a
+missing or broken triton fails them: CI must never pass because the kernels it should test were skipped.
+"""
+
+import functools
 import importlib.metadata
 import logging
 import os
@@ -18,6 +23,30 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+
+def in_ci() -> bool:
+    """True under a CI runner (GitHub Actions, GitLab, ... set ``CI=true``)."""
+    return os.environ.get("CI", "").strip().lower() in {"1", "true", "yes"}
+
+
+@functools.cache
+def triton_problem() -> str | None:
+    """Why the Triton kernels cannot run here, or None: triton must import (on CPU, under TRITON_INTERPRET=1)."""
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception as error:  # noqa: BLE001 — a broken install raises more than ImportError
+        return f"triton is not importable ({type(error).__name__}: {error})"
+    return None
+
+
+def pytest_runtest_setup(item):
+    if item.get_closest_marker("triton") is None or (problem := triton_problem()) is None:
+        return
+    if in_ci():
+        pytest.fail(f"{problem}; under CI=true the Triton tests must run: install hf_jpmhc[triton]", pytrace=False)
+    pytest.skip(f"{problem}: the fused kernels cannot run")
 
 
 REPOSITORY = Path(__file__).resolve().parents[1]
@@ -138,3 +167,17 @@ def tiny_llama_kwargs(**overrides) -> dict:
     )
     kwargs.update(overrides)
     return kwargs
+
+
+def assert_ordinary_permissions(path, umask: int | None = None) -> None:
+    """``path`` and everything under it have the modes of an ordinary write under ``umask`` (default: the
+    current one): files 0666 & ~umask (0644 under 022), directories 0777 & ~umask (0755), not tempfile's 0600."""
+    from pathlib import Path
+
+    if umask is None:
+        umask = os.umask(0)
+        os.umask(umask)
+    path = Path(path)
+    for item in [path, *path.rglob("*")] if path.is_dir() else [path]:
+        expected = (0o777 if item.is_dir() else 0o666) & ~umask
+        assert item.stat().st_mode & 0o777 == expected, f"{item}: {item.stat().st_mode & 0o777:o}, expected {expected:o}"

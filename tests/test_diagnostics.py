@@ -29,7 +29,7 @@ from hf_jpmhc.diagnostics import (
     token_spectra,
 )
 from hf_jpmhc.diagnostics.plots import SpectrumPanel, plot_gains, plot_spectra
-from tests.conftest import tiny_llama_kwargs
+from tests.conftest import assert_ordinary_permissions, tiny_llama_kwargs
 
 MIXERS = ["identity", "sinkhorn", "stiefel", "grassmann", "unconstrained"]
 
@@ -318,6 +318,8 @@ def test_plots_are_written(tmp_path):
         image = matplotlib.image.imread(tmp_path / name)
         assert image.shape[0] > 200 and image.shape[1] > 400
     assert sorted(p.name for p in tmp_path.iterdir()) == ["gain.png", "spectrum.png"]  # no temporary left
+    for name in ("spectrum.png", "gain.png"):
+        assert_ordinary_permissions(tmp_path / name)
 
 
 def test_cli_spectrum_and_gain(tmp_path, capsys):
@@ -354,5 +356,7 @@ def test_cli_spectrum_and_gain(tmp_path, capsys):
     assert "model.layers.2.mlp_hc" in out and (tmp_path / "g.png").exists()
     main(["spectrum", "--model", str(tmp_path / "model"), "--prompt", "w5 w9", "--output", str(tmp_path / "m.png")])
     assert "m2 pred" in capsys.readouterr().out and (tmp_path / "m.png").exists()
-    with pytest.raises(ValueError, match="--logit-std"):
+    with pytest.raises(SystemExit) as exit_info:  # bad input: one line, exit status 2 (hf_jpmhc.errors)
         main(["spectrum", "--mixer", "stiefel", "--depth", "1", "--logit-std", "big", "--output", str(tmp_path / "x.png")])
+    assert exit_info.value.code == 2
+    assert "hf-jpmhc spectrum: error: --logit-std must be a number" in capsys.readouterr().err

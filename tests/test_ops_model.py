@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from hf_jpmhc import JPmHCConfig, JPmHCForCausalLM, ops
+from hf_jpmhc import JPmHCConfig, JPmHCForCausalLM
 from hf_jpmhc.models.hyper_connection import HyperConnection
 from hf_jpmhc.models.mixers import build_mixer
 from tests.conftest import tiny_llama_kwargs
@@ -43,8 +43,7 @@ def _assert_same_run(reference, candidate, ids, atol=1e-5):
         torch.testing.assert_close(grads_c[name], grads_r[name], atol=atol * scale, rtol=1e-4, msg=name)
 
 
-@pytest.mark.triton
-@pytest.mark.skipif(not ops.triton_available(), reason="triton is not importable: the fused kernels cannot run")
+@pytest.mark.triton  # skipped where triton cannot be imported, failed instead under CI=true (conftest)
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # masked log(0) of the padded Sinkhorn rows in numpy
 @pytest.mark.parametrize(("mixer", "options"), [("sinkhorn", {}), ("stiefel", {"cayley_method": "iterative"})])
 def test_triton_backend_matches_torch_in_the_model(mixer, options):

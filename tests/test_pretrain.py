@@ -1,13 +1,16 @@
-"""training/pretrain.py and training/common.py: an end-to-end run, exact kill-and-resume, DDP = 1 process,
-the offline text pipeline, and the errors a user can hit.
+"""training/pretrain.py and training/common.py: an end-to-end run, exact resume (checked against the checkpoint's
+files, with a control that restarts), kill -9 after a checkpoint and during a save, DDP = 1 process, the offline
+text pipeline, and the errors a user can hit.
 
-The 2-process DDP check is ``slow``: ``pytest -m slow tests/test_pretrain.py``.
+The checks that start child processes (the two kills, 2-process DDP) are ``slow``:
+``pytest -m slow tests/test_pretrain.py``.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -15,10 +18,21 @@ import sys
 from pathlib import Path
 
 import pytest
+from accelerate.utils.constants import SAFE_WEIGHTS_NAME
 
 from hf_jpmhc.data.text import build_lm_datasets, byte_tokenizer, load_text_dataset, load_tokenizer, strip_gutenberg
+from tests.resume import (
+    CURVE_TOLERANCE,
+    PAUSED_IN_SAVE,
+    TrainingRun,
+    assert_not_a_resume,
+    assert_resumed_from,
+    assert_same_losses,
+    record_training_runs,
+)
+from tests.conftest import assert_ordinary_permissions
 from training import pretrain
-from training.common import read_jsonl
+from training.common import CHECKPOINT_PREFIX, read_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_MODEL = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
@@ -69,6 +83,8 @@ def test_end_to_end_run_saves_a_hub_ready_checkpoint(uninterrupted):
     card = (final / "README.md").read_text()
     assert "## Training" in card and f"{MAX_STEPS} / " in card and "perplexity" in card
     assert sorted(p.name for p in (output_dir / "checkpoints").iterdir()) == ["checkpoint-12", "checkpoint-9"]
+    for path in output_dir.iterdir():  # 0644 / 0755, not safetensors' 0600, in final/ and checkpoints/
+        assert_ordinary_permissions(path)
 
     # The saved model and tokenizer reproduce the logged validation loss.
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -81,26 +97,105 @@ def test_end_to_end_run_saves_a_hub_ready_checkpoint(uninterrupted):
     assert loss == pytest.approx(metrics["val_loss"], abs=1e-5)
 
 
-def test_kill_and_resume_reproduces_the_uninterrupted_curve(uninterrupted, model_json, tmp_path):
+def test_resume_starts_from_the_checkpoint_state(uninterrupted, model_json, tmp_path, monkeypatch):
+    """``--resume`` after a scheduled stop: the process starts at the newest checkpoint's step with its optimiser,
+    scheduler and weights, and computes the uninterrupted run's remaining losses. The control — the same command
+    with the checkpoints removed — starts over at step 0 and does not reproduce the resumed run's first losses."""
     reference, _ = uninterrupted
-    args = run_args(tmp_path, model_json)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    process = subprocess.Popen([sys.executable, "training/pretrain.py", *args], cwd=REPO, env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)  # fmt: skip
-    for line in process.stdout:  # kill -9 as soon as the first checkpoint is announced
-        if "saved checkpoint" in line:
+    runs = record_training_runs(monkeypatch, pretrain)
+    args = run_args(tmp_path / "run", model_json)
+    pretrain.main([*args, "--stop_after=4"])  # checkpoints 3 (save_every) and 4 (the stop)
+    checkpoint = snapshot(tmp_path / "run" / "checkpoints" / "checkpoint-4", tmp_path / "snapshot")
+    shutil.copytree(tmp_path / "run", tmp_path / "control")
+    shutil.rmtree(tmp_path / "control" / "checkpoints")
+
+    pretrain.main([*args, "--resume"])
+    resumed = runs[-1]
+    assert_resumed_from(resumed, checkpoint)
+    assert_continues_the_reference(resumed, tmp_path / "run", reference, resumed_at=4)
+
+    pretrain.main([*run_args(tmp_path / "control", model_json), "--resume", "--stop_after=2"])
+    assert_not_a_resume(runs[-1], resumed)
+
+
+def snapshot(checkpoint: Path, target: Path) -> Path:
+    """A copy of ``checkpoint`` under its own name (the resumed run prunes old checkpoints)."""
+    return Path(shutil.copytree(checkpoint, target / checkpoint.name))
+
+
+def assert_continues_the_reference(run: TrainingRun, output_dir: Path, reference: Path, *, resumed_at: int) -> None:
+    """The resumed process logged exactly the steps after ``resumed_at``, with the uninterrupted run's losses, and the
+    run's metrics.jsonl reads as the uninterrupted run's."""
+    expected = curve(reference)
+    assert sorted(run.losses()) == list(range(resumed_at + 1, MAX_STEPS + 1))
+    assert_same_losses(run, expected)
+    merged = curve(output_dir)
+    assert sorted(merged) == sorted(expected)
+    assert max(abs(merged[s] - expected[s]) for s in expected) <= CURVE_TOLERANCE
+    assert curve(output_dir, "val_loss") == pytest.approx(curve(reference, "val_loss"), abs=CURVE_TOLERANCE)
+
+
+def start_run(args: list[str], log: Path, *, pause_in_save_of: str = "") -> subprocess.Popen:
+    """``training/pretrain.py ARGS`` in a child process, stdout piped, stderr to ``log``; with ``pause_in_save_of``, the
+    child waits inside ``save_state`` of that checkpoint directory (``tests/resume.py``)."""
+    if pause_in_save_of:
+        command = [sys.executable, "-m", "tests.resume", "training.pretrain", pause_in_save_of, *args]
+    else:
+        command = [sys.executable, "training/pretrain.py", *args]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    with log.open("w") as stderr:
+        return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=stderr, text=True)
+
+
+def kill_when(process: subprocess.Popen, marker: str, log: Path) -> str:
+    """SIGKILL ``process`` as soon as it prints a line containing ``marker``; returns that line."""
+    line = ""
+    for line in process.stdout:
+        if marker in line:
             process.send_signal(signal.SIGKILL)
             break
     process.wait()
-    assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed"
-    killed_at = max(curve(tmp_path))
-    assert killed_at < MAX_STEPS and not (tmp_path / "final").exists()
+    assert process.returncode == -signal.SIGKILL, f"the run ended before it printed {marker!r}:\n{log.read_text()[-3000:]}"
+    return line
 
+
+@pytest.mark.slow
+def test_kill_and_resume_reproduces_the_uninterrupted_curve(uninterrupted, model_json, tmp_path, monkeypatch):
+    """kill -9 right after the first checkpoint is announced; --resume continues from the newest checkpoint."""
+    reference, _ = uninterrupted
+    args, log = run_args(tmp_path / "run", model_json), tmp_path / "stderr.txt"
+    kill_when(start_run(args, log), "saved checkpoint", log)
+    assert max(curve(tmp_path / "run")) < MAX_STEPS and not (tmp_path / "run" / "final").exists()
+    newest = max((tmp_path / "run" / "checkpoints").glob(f"{CHECKPOINT_PREFIX}*"),
+                 key=lambda p: int(p.name.removeprefix(CHECKPOINT_PREFIX)))  # fmt: skip
+    checkpoint = snapshot(newest, tmp_path / "snapshot")
+
+    runs = record_training_runs(monkeypatch, pretrain)
     pretrain.main([*args, "--resume"])
-    resumed, expected = curve(tmp_path), curve(reference)
-    assert sorted(resumed) == sorted(expected)
-    assert max(abs(resumed[s] - expected[s]) for s in expected) <= 1e-6
-    assert curve(tmp_path, "val_loss") == pytest.approx(curve(reference, "val_loss"), abs=1e-6)
+    assert_resumed_from(runs[-1], checkpoint)
+    assert_continues_the_reference(runs[-1], tmp_path / "run", reference, resumed_at=runs[-1].step)
+
+
+@pytest.mark.slow
+def test_kill_during_a_save_resumes_from_the_previous_checkpoint(uninterrupted, model_json, tmp_path, monkeypatch):
+    """kill -9 inside ``save_state`` of step 6: the half-written ``.tmp-checkpoint-6`` is removed on resume and the
+    run continues from checkpoint-3, reproducing the uninterrupted curve."""
+    reference, _ = uninterrupted
+    args, log = run_args(tmp_path / "run", model_json), tmp_path / "stderr.txt"
+    line = kill_when(start_run(args, log, pause_in_save_of=".tmp-checkpoint-6"), PAUSED_IN_SAVE, log)
+    checkpoints = tmp_path / "run" / "checkpoints"
+    partial = checkpoints / ".tmp-checkpoint-6"
+    assert str(partial) in line and (partial / SAFE_WEIGHTS_NAME).is_file() and (partial / "optimizer.bin").is_file()
+    assert sorted(p.name for p in checkpoints.iterdir()) == [".tmp-checkpoint-6", "checkpoint-3"]
+    checkpoint = snapshot(checkpoints / "checkpoint-3", tmp_path / "snapshot")
+
+    runs = record_training_runs(monkeypatch, pretrain)
+    pretrain.main([*args, "--resume", "--stop_after=5"])  # stop before step 6 is saved again
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["checkpoint-3", "checkpoint-5"]
+    assert_resumed_from(runs[-1], checkpoint)
+    pretrain.main([*args, "--resume"])
+    assert runs[-1].step == 5
+    assert_continues_the_reference(runs[-1], tmp_path / "run", reference, resumed_at=5)
 
 
 @pytest.mark.slow
@@ -158,16 +253,26 @@ def test_local_jsonl_with_a_named_text_column(tmp_path):
         load_text_dataset(str(tmp_path / "docs.jsonl"))
 
 
-def test_block_size_above_max_position_embeddings_is_refused(model_json, tmp_path):
-    with pytest.raises(ValueError, match="block_size=128 exceeds the model's max_position_embeddings=64"):
-        pretrain.main(run_args(tmp_path, model_json, block_size=128))
+def refused(argv: list[str], capsys) -> str:
+    """The one-line message ``pretrain.main(argv)`` exits with (status 2: bad input)."""
+    with pytest.raises(SystemExit) as exit_info:
+        pretrain.main(argv)
+    assert exit_info.value.code == 2
+    return capsys.readouterr().err.splitlines()[-1]
 
 
-def test_missing_tokenizer_is_refused(model_json, tmp_path):
+def test_block_size_above_max_position_embeddings_is_refused(model_json, tmp_path, capsys):
+    message = refused(run_args(tmp_path / "run", model_json, block_size=128), capsys)
+    assert message.startswith("pretrain.py: error: block_size=128 exceeds the model's max_position_embeddings=64")
+    assert not (tmp_path / "run").exists()
+
+
+def test_missing_tokenizer_is_refused(model_json, tmp_path, capsys):
     with pytest.raises(ValueError, match="tokenizer='/no/such/tokenizer' could not be loaded"):
         load_tokenizer("/no/such/tokenizer")
-    with pytest.raises(ValueError, match="tokenizer='/no/such/tokenizer' could not be loaded"):
-        pretrain.main(run_args(tmp_path, model_json, tokenizer="/no/such/tokenizer"))
+    message = refused(run_args(tmp_path / "run", model_json, tokenizer="/no/such/tokenizer"), capsys)
+    assert "tokenizer='/no/such/tokenizer' could not be loaded" in message
+    assert not (tmp_path / "run").exists()
 
 
 def test_unknown_yaml_key_and_preset_are_refused(tmp_path):

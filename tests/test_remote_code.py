@@ -1,5 +1,6 @@
 """A ``save_pretrained`` checkpoint carries its code (``auto_map`` + the model files) and loads with
-``trust_remote_code=True`` in a fresh virtual environment where hf_jpmhc is not installed.
+``trust_remote_code=True`` in a fresh virtual environment where hf_jpmhc is not installed — and refuses, there
+too, weights that do not match its config (``models/loading.py`` travels with the code).
 
 The fresh venv is real (``python -m venv --without-pip``) but borrows this venv's third-party packages
 through a ``deps.pth`` path line: a path in a .pth file is added to ``sys.path``, while the .pth files *inside*
@@ -10,6 +11,7 @@ before it loads anything.
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -26,7 +28,7 @@ from tests.test_modeling import perturb_hyper_connections, token_batch
 # The mixers with constant bases (non-persistent buffers) and the DeepSeek-compatible one.
 MIXERS = ("sinkhorn", "permutation", "grassmann", "stiefel")
 CODE_FILES = {"configuration_jpmhc.py", "configuration_hyper_connection.py", "modeling_jpmhc.py", "hyper_connection.py",
-              "mixers.py"}  # fmt: skip
+              "mixers.py", "loading.py"}  # fmt: skip
 
 CHILD = textwrap.dedent(
     """
@@ -52,6 +54,10 @@ CHILD = textwrap.dedent(
             logits = model(ids).logits
         generated = model.generate(ids, max_new_tokens=6, min_new_tokens=6, do_sample=False)
         results[mixer] = {"module": type(model).__module__, "logits": logits, "generated": generated}
+    try:
+        AutoModelForCausalLM.from_pretrained(request["mismatched"], trust_remote_code=True)
+    except Exception as error:
+        results["mismatch"] = (type(error).__name__, type(error).__module__, str(error))
     results["prefix"] = sys.prefix
     results["hf_jpmhc_loaded"] = any(name.split(".")[0] == "hf_jpmhc" for name in sys.modules)
     torch.save(results, request["output"])
@@ -107,8 +113,12 @@ def test_checkpoint_loads_as_remote_code_without_hf_jpmhc(tmp_path):
     workdir.mkdir()
     env = {key: value for key, value in os.environ.items() if key not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")}
     env.update(HF_HOME=str(tmp_path / "hf_home"), HF_HUB_OFFLINE="1", PYTHONNOUSERSITE="1", OMP_NUM_THREADS="1")
+    mismatched = tmp_path / "mismatched"  # the stiefel checkpoint with num_streams edited in config.json
+    shutil.copytree(checkpoints["stiefel"], mismatched)
+    config = json.loads((mismatched / "config.json").read_text())
+    (mismatched / "config.json").write_text(json.dumps({**config, "num_streams": 2}))
     output = tmp_path / "results.pt"
-    request = {"ids": ids.tolist(), "checkpoints": checkpoints, "output": str(output)}
+    request = {"ids": ids.tolist(), "checkpoints": checkpoints, "mismatched": str(mismatched), "output": str(output)}
     child = subprocess.run(
         [str(python), "-c", CHILD, json.dumps(request)], cwd=workdir, env=env, capture_output=True, text=True
     )
@@ -117,6 +127,9 @@ def test_checkpoint_loads_as_remote_code_without_hf_jpmhc(tmp_path):
     results = torch.load(output)
     assert Path(results["prefix"]).resolve() == (tmp_path / "venv").resolve()
     assert not results["hf_jpmhc_loaded"]
+    name, module, message = results["mismatch"]
+    assert name == "CheckpointMismatchError" and module.startswith("transformers_modules."), (name, module)
+    assert "the weights do not match config.json (of another shape model.layers.{0, 1}.attn_hc.bias" in message
     for mixer in MIXERS:
         result = results[mixer]
         assert result["module"].startswith("transformers_modules."), result["module"]

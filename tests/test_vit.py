@@ -7,6 +7,7 @@ Fast by default (the whole file is budgeted at 1.5 minutes); the real-data check
 import copy
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -35,6 +36,7 @@ from hf_jpmhc import (
 )
 from hf_jpmhc.data.images import load_image_dataset
 from hf_jpmhc.model_card import save_pretrained_with_card
+from tests.conftest import assert_ordinary_permissions
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -327,17 +329,36 @@ def test_tiny_finetune_run_saves_a_pipeline_ready_checkpoint(tmp_path):
     results = finetune_main()([f"--output_dir={tmp_path}", "--max_steps=2", *TINY_FINETUNE])
     assert results["steps"] == 2 and results["images"] == 64 and 0.0 <= results["test_accuracy"] <= 1.0
     assert json.loads((tmp_path / "results.json").read_text())["dataset"] == "mnist_5k"
+    for path in tmp_path.iterdir():  # (tmp_path itself is pytest's, 0700)
+        assert_ordinary_permissions(path)
     classifier = pipeline("image-classification", model=str(tmp_path / "final"))
     assert type(classifier.model) is JPmHCViTForImageClassification
     image = load_image_dataset("mnist_5k")["test"][0]["image"]
     assert classifier(image)[0]["label"] in [str(d) for d in range(10)]
 
 
-@pytest.mark.slow
-def test_finetune_resumes_exactly(tmp_path):
+def test_finetune_resume_starts_from_the_checkpoint_state(tmp_path, monkeypatch):
+    """``--resume`` after a scheduled stop at step 2 of 4: the process starts from checkpoint-2's counters, optimiser,
+    scheduler and weights, logs the uninterrupted run's losses for steps 3 and 4 and ends with its test metrics.
+    The control — the same command with the checkpoints removed — starts over and logs other first losses."""
+    from tests.resume import assert_not_a_resume, assert_resumed_from, assert_same_losses, record_training_runs
+
     main = finetune_main()
-    full = main([f"--output_dir={tmp_path / 'full'}", "--max_steps=4", *TINY_FINETUNE])
-    main([f"--output_dir={tmp_path / 'resumed'}", "--max_steps=4", "--stop_after=2", *TINY_FINETUNE])
-    resumed = main([f"--output_dir={tmp_path / 'resumed'}", "--max_steps=4", "--resume", *TINY_FINETUNE])
+    runs = record_training_runs(monkeypatch, sys.modules[main.__module__])
+    args = lambda name: [f"--output_dir={tmp_path / name}", "--max_steps=4", *TINY_FINETUNE]  # noqa: E731
+    full = main(args("full"))
+    reference = runs[-1].losses()
+    main([*args("resumed"), "--stop_after=2"])
+    checkpoint = Path(shutil.copytree(tmp_path / "resumed" / "checkpoints" / "checkpoint-2", tmp_path / "saved" / "checkpoint-2"))
+    shutil.copytree(tmp_path / "resumed", tmp_path / "control")
+    shutil.rmtree(tmp_path / "control" / "checkpoints")
+
+    resumed = main([*args("resumed"), "--resume"])
+    assert_resumed_from(runs[-1], checkpoint)
+    assert sorted(runs[-1].losses()) == [3, 4]
+    assert_same_losses(runs[-1], reference)
     assert resumed["test_loss"] == pytest.approx(full["test_loss"], abs=1e-6)
     assert resumed["test_accuracy"] == full["test_accuracy"]
+
+    main([*args("control"), "--resume", "--stop_after=2"])
+    assert_not_a_resume(runs[-1], runs[-2])

@@ -28,6 +28,9 @@ Guarantees:
   gradient average equals the single-process gradient (up to float summation order).
 * **Logs.** ``MetricsLogger`` appends one JSON object per line to ``metrics.jsonl`` (always) and mirrors
   scalars to TensorBoard when ``tensorboard`` is installed.
+* **Bad input.** Settings are checked when parsed (``check_ranges``), models and data are built before anything
+  is written, and a script's ``main`` runs under ``hf_jpmhc.errors.user_errors``: a bad setting or checkpoint
+  ends with one line and exit status 2, and leaves no output directory behind.
 """
 
 from __future__ import annotations
@@ -50,13 +53,18 @@ import yaml
 from transformers import HfArgumentParser, get_scheduler
 
 from hf_jpmhc.ops.cpu import keep_freed_memory
+from hf_jpmhc.outputs import STAGING_PREFIX, atomic_write_text, ordinary_permissions, staged_directory
 
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
 CHECKPOINT_PREFIX = "checkpoint-"
-TMP_PREFIX = ".tmp-"
 
 LossFn = Callable[[torch.nn.Module, dict], tuple[torch.Tensor, int]]  # (model, batch) → (mean loss, items in batch)
 EvalFn = Callable[[torch.nn.Module], dict[str, float]]  # model → metrics, e.g. {"val_loss": …, "val_ppl": …}
+
+
+def script_name(config_class: type) -> str:
+    """The file name of the script defining ``config_class`` (``pretrain.py``): the ``prog`` of its messages."""
+    return Path(sys.modules[config_class.__module__].__file__).name
 
 
 def parse_script_config(config_class: type, argv: list[str] | None = None):
@@ -64,7 +72,8 @@ def parse_script_config(config_class: type, argv: list[str] | None = None):
 
     Unknown YAML keys raise ValueError listing the valid ones; flags use ``HfArgumentParser``'s names.
     """
-    parser = HfArgumentParser(config_class, description=sys.modules[config_class.__module__].__doc__.splitlines()[0])
+    module = sys.modules[config_class.__module__]
+    parser = HfArgumentParser(config_class, prog=script_name(config_class), description=module.__doc__.splitlines()[0])
     parser.add_argument("--config", default=None, help=f"YAML file of {config_class.__name__} fields")
     argv = sys.argv[1:] if argv is None else argv
     known, _ = parser.parse_known_args(argv)
@@ -77,6 +86,15 @@ def parse_script_config(config_class: type, argv: list[str] | None = None):
         parser.set_defaults(**values)
     config, _ = parser.parse_args_into_dataclasses(args=argv)  # _: the --config namespace
     return config
+
+
+def check_ranges(config, *, positive: tuple[str, ...] = (), non_negative: tuple[str, ...] = ()) -> None:
+    """ValueError naming the first of ``config``'s settings out of range (None, meaning unset, is allowed)."""
+    for names, bound, holds in ((positive, "> 0", lambda v: v > 0), (non_negative, ">= 0", lambda v: v >= 0)):
+        for name in names:
+            value = getattr(config, name)
+            if value is not None and not holds(value):
+                raise ValueError(f"{name} must be {bound}, got {value!r}")
 
 
 def seed_everything(seed: int) -> None:
@@ -202,7 +220,7 @@ class CheckpointManager:
         accelerator.register_for_checkpointing(state)
         if accelerator.is_main_process:
             self.directory.mkdir(parents=True, exist_ok=True)
-            for leftover in self.directory.glob(f"{TMP_PREFIX}*"):  # from a run killed while saving
+            for leftover in self.directory.glob(f"{STAGING_PREFIX}*"):  # from a run killed while saving
                 shutil.rmtree(leftover, ignore_errors=True)
         accelerator.wait_for_everyone()
 
@@ -218,10 +236,11 @@ class CheckpointManager:
     def save(self) -> Path:
         """Write the state at ``state.step`` aside, rename it into place, then drop checkpoints beyond ``keep``."""
         name = f"{CHECKPOINT_PREFIX}{self.state.step}"
-        final, staging = self.directory / name, self.directory / f"{TMP_PREFIX}{name}"
+        final, staging = self.directory / name, self.directory / f"{STAGING_PREFIX}{name}"
         self.accelerator.save_state(str(staging))  # collective; each process writes its own RNG state
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
+            ordinary_permissions(staging)  # safetensors leaves 0600
             if final.exists():  # the same step saved again (e.g. the final step after a resume)
                 shutil.rmtree(final)
             os.replace(staging, final)
@@ -278,14 +297,6 @@ class MetricsLogger:
 
 def read_jsonl(path: str | Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write ``text`` to a sibling temporary file, then rename it over ``path``."""
-    path = Path(path)
-    staging = path.with_name(f"{TMP_PREFIX}{path.name}")
-    staging.write_text(text, encoding="utf-8")
-    os.replace(staging, path)
 
 
 def _scalars(config: dict) -> dict:
@@ -434,19 +445,14 @@ def save_final_model(accelerator: Accelerator, model: torch.nn.Module, directory
     from hf_jpmhc import HyperConnectionConfig
     from hf_jpmhc.model_card import build_model_card
 
-    directory = Path(directory)
-    staging = directory.with_name(f"{TMP_PREFIX}{directory.name}")
     state_dict = accelerator.get_state_dict(model)
     if accelerator.is_main_process:
-        shutil.rmtree(staging, ignore_errors=True)
-        unwrapped = accelerator.unwrap_model(model)
-        unwrapped.save_pretrained(staging, state_dict=state_dict)
-        if preprocessor is not None:
-            preprocessor.save_pretrained(staging)
-        if isinstance(unwrapped.config, HyperConnectionConfig):  # the card template describes JPmHC checkpoints
-            build_model_card(unwrapped, **card_kwargs).save(staging / "README.md")
-        if directory.exists():
-            shutil.rmtree(directory)
-        os.replace(staging, directory)
+        with staged_directory(directory, overwrite=True) as staging:
+            unwrapped = accelerator.unwrap_model(model)
+            unwrapped.save_pretrained(staging, state_dict=state_dict)
+            if preprocessor is not None:
+                preprocessor.save_pretrained(staging)
+            if isinstance(unwrapped.config, HyperConnectionConfig):  # the card template describes JPmHC checkpoints
+                build_model_card(unwrapped, **card_kwargs).save(staging / "README.md")
     accelerator.wait_for_everyone()
-    return directory
+    return Path(directory)

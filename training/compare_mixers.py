@@ -32,8 +32,9 @@ from hf_jpmhc import JPmHCForCausalLM  # noqa: E402
 from hf_jpmhc.data.text import build_lm_datasets, load_tokenizer  # noqa: E402
 from hf_jpmhc.models.hyper_connection import HyperConnection  # noqa: E402
 from hf_jpmhc.models.mixers import MIXERS  # noqa: E402
+from hf_jpmhc.outputs import atomic_path, atomic_write_text  # noqa: E402
 from training import pretrain  # noqa: E402
-from training.common import atomic_write_text, read_jsonl  # noqa: E402
+from training.common import read_jsonl  # noqa: E402
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "compare_mixers.yaml"
 SMOOTHING = 5  # trailing mean over this many logged steps, for "steps to target" and the plot
@@ -100,10 +101,9 @@ def plot(results: dict[str, dict], path: Path, target: float) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, ncol=2)
     fig.tight_layout()
-    staging = path.with_name(f".tmp-{path.name}")
-    fig.savefig(staging, dpi=120, format="png")
+    with atomic_path(path) as staging:
+        fig.savefig(staging, dpi=120, format="png")
     plt.close(fig)
-    staging.replace(path)
 
 
 def table(results: dict[str, dict], target: float) -> str:

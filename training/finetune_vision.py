@@ -44,14 +44,18 @@ from huggingface_hub import EvalResult  # noqa: E402
 
 from hf_jpmhc import JPmHCViTForImageClassification, convert_vit  # noqa: E402
 from hf_jpmhc.data.images import load_image_dataset, resolve_dataset_name  # noqa: E402
+from hf_jpmhc.errors import user_errors  # noqa: E402
+from hf_jpmhc.loading import check_checkpoint, load_pretrained  # noqa: E402
+from hf_jpmhc.models.mixers import validate_mixer  # noqa: E402
+from hf_jpmhc.outputs import atomic_write_text  # noqa: E402
 from training.common import (  # noqa: E402
     CheckpointManager,
     MetricsLogger,
     TrainState,
-    atomic_write_text,
     build_accelerator,
     build_optimizer,
     build_scheduler,
+    check_ranges,
     parse_script_config,
     save_final_model,
     seed_everything,
@@ -102,13 +106,19 @@ class FinetuneVisionConfig:
     resume: bool = field(default=False, metadata={"help": "continue from the last complete checkpoint in output_dir"})
     stop_after: int | None = field(default=None, metadata={"help": "stop (with a checkpoint) at this step; resume later"})
 
+    def __post_init__(self):
+        if self.model not in MODELS:
+            raise ValueError(f"model must be one of {MODELS}, got {self.model!r}")
+        if self.model == "jpmhc":
+            validate_mixer(self.mixer, self.num_streams)  # now, not after the data are loaded
+        check_ranges(self, positive=("batch_size", "max_steps", "max_grad_norm", "log_every", "save_total_limit",
+                                     "stop_after", "train_limit", "eval_limit"),
+                     non_negative=("learning_rate", "weight_decay", "warmup_steps", "eval_every", "save_every"))  # fmt: skip
+
 
 def parse_config(argv: list[str] | None = None) -> FinetuneVisionConfig:
     """Defaults ← YAML (``--config``) ← command-line flags. Unknown YAML keys and invalid values raise ValueError."""
-    config = parse_script_config(FinetuneVisionConfig, argv)
-    if config.model not in MODELS:
-        raise ValueError(f"model must be one of {MODELS}, got {config.model!r}")
-    return config
+    return parse_script_config(FinetuneVisionConfig, argv)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -148,30 +158,39 @@ def _first(dataset, limit: int | None):
 
 def build_model(config: FinetuneVisionConfig, image_size: int, labels: list[str]):
     """The classifier to train and, for ``init_from``, the base model's name for the model card."""
-    head = dict(num_labels=len(labels), id2label=dict(enumerate(labels)), label2id={n: i for i, n in enumerate(labels)})
     if config.init_from is None:
-        vit = ViTForImageClassification(ViTConfig(
+        vit = with_labels(ViTForImageClassification(ViTConfig(
             image_size=image_size, patch_size=config.patch_size, num_channels=3, hidden_size=config.hidden_size,
             num_hidden_layers=config.num_hidden_layers, num_attention_heads=config.num_attention_heads,
-            intermediate_size=config.intermediate_size, **head,
-        ))  # fmt: skip
+            intermediate_size=config.intermediate_size, num_labels=len(labels),
+        )), labels)  # fmt: skip
         base_model = None
     else:
         source_type = AutoConfig.from_pretrained(config.init_from).model_type
         if source_type == "jpmhc_vit":
             if config.model != "jpmhc":
                 raise ValueError(f"init_from={config.init_from!r} is a JPmHC-ViT checkpoint; use --model jpmhc")
-            model = JPmHCViTForImageClassification.from_pretrained(
-                config.init_from, dtype=torch.float32, ignore_mismatched_sizes=True, **head
-            )
-            return model, config.init_from
+            model = load_pretrained(JPmHCViTForImageClassification, config.init_from, dtype=torch.float32)
+            return with_labels(model, labels), config.init_from
         if source_type != "vit":
             raise ValueError(f"init_from={config.init_from!r} has model_type={source_type!r}; expected 'vit' or 'jpmhc_vit'")
-        vit = ViTForImageClassification.from_pretrained(config.init_from, dtype=torch.float32, ignore_mismatched_sizes=True, **head)
+        vit = with_labels(load_pretrained(ViTForImageClassification, config.init_from, dtype=torch.float32), labels)
         base_model = config.init_from
     if config.model == "vit":
         return vit, base_model
     return convert_vit(vit, num_streams=config.num_streams, mixer=config.mixer), base_model
+
+
+def with_labels(model, labels: list[str]):
+    """``model`` (a ViT or JPmHC-ViT classifier) classifying ``labels``: its classifier is kept when it has as many
+    classes (the names change), else replaced by one at the model's initialisation. This is
+    ``ignore_mismatched_sizes`` for the head alone: every other weight of ``init_from`` must load."""
+    if model.config.num_labels != len(labels):
+        model.classifier = torch.nn.Linear(model.config.hidden_size, len(labels))
+        model._init_weights(model.classifier)
+    model.num_labels = len(labels)
+    model.config.id2label, model.config.label2id = dict(enumerate(labels)), {name: i for i, name in enumerate(labels)}
+    return model
 
 
 def is_jpmhc(model) -> bool:
@@ -232,8 +251,11 @@ def training_card(config: FinetuneVisionConfig, dataset_name: str, state: TrainS
     return f"Trained with `training/finetune_vision.py` (🤗 Accelerate).\n\n| | |\n|---|---|\n{table}"
 
 
+@user_errors(Path(__file__).name)
 def main(argv: list[str] | None = None) -> dict:
     config = parse_config(argv)
+    if config.init_from is not None:
+        check_checkpoint(config.init_from)  # before the data are loaded
     output_dir = Path(config.output_dir)
     accelerator = build_accelerator(
         output_dir, seed=config.seed, gradient_accumulation_steps=config.gradient_accumulation_steps,

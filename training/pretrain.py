@@ -37,6 +37,8 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 from hf_jpmhc import JPmHCConfig, JPmHCForCausalLM  # noqa: E402
 from hf_jpmhc.data.text import SMOLLM2_TOKENIZER, build_lm_datasets, load_tokenizer  # noqa: E402
+from hf_jpmhc.errors import user_errors  # noqa: E402
+from hf_jpmhc.loading import check_checkpoint, load_pretrained  # noqa: E402
 from training.common import (  # noqa: E402
     CheckpointManager,
     MetricsLogger,
@@ -44,6 +46,7 @@ from training.common import (  # noqa: E402
     build_accelerator,
     build_optimizer,
     build_scheduler,
+    check_ranges,
     parse_script_config,
     save_final_model,
     seed_everything,
@@ -97,6 +100,10 @@ class PretrainConfig:
     stop_after: int | None = field(default=None, metadata={"help": "stop (with a checkpoint) at this step; resume later"})
     push_to_hub: str | None = field(default=None, metadata={"help": "also upload final/ to this Hub repo id"})
 
+    def __post_init__(self):
+        check_ranges(self, positive=("batch_size", "max_steps", "max_grad_norm", "log_every", "save_total_limit", "stop_after"),
+                     non_negative=("learning_rate", "weight_decay", "warmup_steps", "eval_every", "save_every", "eval_blocks"))
+
 
 def parse_config(argv: list[str] | None = None) -> PretrainConfig:
     """Defaults ← YAML (``--config``) ← command-line flags. Unknown YAML keys and invalid values raise ValueError."""
@@ -136,13 +143,14 @@ def build_model(config: PretrainConfig, tokenizer) -> tuple[JPmHCForCausalLM, st
     """The model to train and, for ``init_from``, the base model's name for the model card."""
     if config.init_from is None:
         return JPmHCForCausalLM(model_config_from(config, len(tokenizer), tokenizer)), None
+    check_checkpoint(config.init_from)
     source = AutoConfig.from_pretrained(config.init_from)
     if source.model_type == "jpmhc":
         overrides = _hc_overrides(config)
         changed = {k: v for k, v in overrides.items() if getattr(source, k) != v}
         if changed:
             raise ValueError(f"init_from={config.init_from!r} is a JPmHC checkpoint; it cannot change {changed}")
-        model = JPmHCForCausalLM.from_pretrained(config.init_from, dtype=torch.float32, **_runtime_overrides(config))
+        model = load_pretrained(JPmHCForCausalLM, config.init_from, dtype=torch.float32, **_runtime_overrides(config))
         return model, config.init_from
     if source.model_type == "llama":
         from hf_jpmhc.conversion.llama import convert_llama
@@ -228,6 +236,7 @@ def training_card(config: PretrainConfig, state: TrainState, accelerator, n_trai
     return f"Pretrained with `training/pretrain.py` (🤗 Accelerate).\n\n| | |\n|---|---|\n{table}"
 
 
+@user_errors(Path(__file__).name)
 def main(argv: list[str] | None = None) -> dict[str, float]:
     config = parse_config(argv)
     output_dir = Path(config.output_dir)

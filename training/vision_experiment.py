@@ -20,7 +20,8 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from training.common import atomic_write_text, read_jsonl  # noqa: E402
+from hf_jpmhc.outputs import atomic_path, atomic_write_text  # noqa: E402
+from training.common import read_jsonl  # noqa: E402
 
 FINETUNE = Path(__file__).resolve().parent / "finetune_vision.py"
 # The shared budget: a 4-layer, hidden-64 ViT on 28×28 images cut into 4×4 = 16 patches of 7×7 pixels, 150 steps of
@@ -87,9 +88,8 @@ def plot_losses(output_dir: Path, names: list[str]) -> Path:
     ax.legend()
     fig.tight_layout()
     path = output_dir / "loss.png"
-    staging = path.with_name(".tmp-loss.png")
-    fig.savefig(staging, dpi=120)
-    staging.replace(path)
+    with atomic_path(path) as staging:
+        fig.savefig(staging, dpi=120)
     plt.close(fig)
     return path
 

@@ -44,6 +44,7 @@ LM_EVAL_FEWSHOT = "lm_eval/tasks/bbh/fewshot"
 BIGBENCH_SDIST = "bigbench-1.0.0.tar.gz"
 BIGBENCH_SDIST_SHA256 = "1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2"
 BIGBENCH_INDEX = "https://pypi.org/simple/bigbench/"
+BIGBENCH_CACHE = "bigbench-1.0.0-bbh-tasks"  # under $HF_JPMHC_CACHE/packages: the task.json files BBH-style needs
 ITEMS_PER_SUBTASK = 250
 STOP = ("\n\n", "\nQ:")
 MAX_NEW_TOKENS = 64
@@ -192,13 +193,20 @@ class _HashingReader:
 
 
 def bigbench_task_files(sdist: Path | None = None) -> dict[str, dict]:
-    """``{bbh_subtask: task.json}`` streamed out of the bigbench sdist, without extracting the rest.
+    """``{bbh_subtask: task.json}`` out of the bigbench sdist, without extracting the rest.
 
-    pip cannot download this sdist (its metadata step fails on a direct-URL dependency), so the file is
-    read from ``sdist`` if given, else streamed from the package index and checked against its SHA-256.
+    pip cannot download this sdist (its metadata step fails on a direct-URL dependency), so the file is read
+    from ``sdist`` if given, else streamed from the package index; either way its SHA-256 is checked, and the
+    task.json files are kept in the package cache (``BIGBENCH_CACHE``): later calls read them from there, with no
+    358 MB download.
     """
+    from hf_jpmhc.data import cache_dir
+
     wanted = {f"bigbench/benchmark_tasks/{path}/task.json": subtask for subtask, path in BIGBENCH_PATHS.items()}
-    found: dict[str, dict] = {}
+    cached = cache_dir() / "packages" / BIGBENCH_CACHE
+    if sdist is None and all((cached / name).is_file() for name in wanted):
+        return {subtask: json.loads((cached / name).read_bytes()) for name, subtask in wanted.items()}
+    found: dict[str, bytes] = {}
     if sdist is not None:
         source, label = open(sdist, "rb"), str(sdist)  # noqa: SIM115 (closed by `with source` below)
     else:
@@ -214,12 +222,25 @@ def bigbench_task_files(sdist: Path | None = None) -> dict[str, dict]:
             for member in archive:
                 name = member.name.split("/", 1)[-1]
                 if member.isfile() and name in wanted:
-                    found[wanted[name]] = json.load(archive.extractfile(member))
+                    found[name] = archive.extractfile(member).read()
         while reader.read(1 << 20):  # hash the tail too
             pass
     if reader.sha256.hexdigest() != BIGBENCH_SDIST_SHA256:
         raise RuntimeError(f"{label}: SHA-256 {reader.sha256.hexdigest()} does not match {BIGBENCH_SDIST_SHA256}")
-    return found
+    _save_atomically(found, cached)
+    return {wanted[name]: json.loads(data) for name, data in found.items()}
+
+
+def _save_atomically(files: dict[str, bytes], target: Path) -> None:
+    """Write ``files`` (relative path → bytes) into a sibling temporary directory, then rename it to ``target``."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        staging = Path(tmp) / "files"
+        for name, data in files.items():
+            (staging / name).parent.mkdir(parents=True, exist_ok=True)
+            (staging / name).write_bytes(data)
+        shutil.rmtree(target, ignore_errors=True)
+        staging.rename(target)
 
 
 class BbhTask:

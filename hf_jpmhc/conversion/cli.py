@@ -23,7 +23,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         parser.add_argument("out", metavar="OUT", help="directory to write the converted checkpoint to")
         add_hyper_connection_arguments(parser)
         add_output_arguments(parser)
-        parser.set_defaults(func=run)
+        parser.set_defaults(func=run, prog=parser.prog)
 
 
 def _convert_llama(args: argparse.Namespace) -> None:
@@ -39,13 +39,11 @@ def _convert_vit(args: argparse.Namespace) -> None:
 
 
 def _convert(args: argparse.Namespace, converter, preprocessor_class: str) -> None:
-    from .common import check_output, load_preprocessor, save_converted
+    from ..outputs import check_output
+    from .common import load_preprocessor, save_converted
 
-    try:
-        check_output(args.out, args.overwrite)
-        model = converter(args.src, num_streams=args.num_streams, mixer=args.mixer, **hyper_connection_options(args))
-    except (ValueError, FileExistsError) as error:
-        raise SystemExit(f"hf-jpmhc convert {args.source_architecture}: error: {error}") from error
+    check_output(args.out, args.overwrite)  # before the work
+    model = converter(args.src, num_streams=args.num_streams, mixer=args.mixer, **hyper_connection_options(args))
     out = save_converted(
         model,
         args.out,

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
-import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TypeVar
@@ -21,6 +20,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..models.configuration_hyper_connection import HyperConnectionConfig
+from ..outputs import staged_directory
 
 logger = logging.getLogger(__name__)
 
@@ -147,29 +147,14 @@ def load_preprocessor(source: str | Path, auto_class_name: str):
         return None
 
 
-def check_output(save_directory: str | Path, overwrite: bool) -> Path:
-    """Refuse to replace an existing ``save_directory`` unless ``overwrite``; checked before converting."""
-    target = Path(save_directory)
-    if target.exists() and not overwrite:
-        raise FileExistsError(f"{target} exists; pass overwrite=True (--overwrite) to replace it")
-    return target
-
-
 def save_converted(model, save_directory: str | Path, *, base_model: str | None = None, preprocessor=None,
                    overwrite: bool = False) -> Path:  # fmt: skip
-    """Save a converted model atomically: weights, config, generation config, the tokenizer or image
-    processor (if given) and a model card with ``base_model``, written aside and renamed into place."""
+    """Save a converted model atomically (``hf_jpmhc.outputs.staged_directory``): weights, config, generation
+    config, the tokenizer or image processor (if given) and a model card with ``base_model``."""
     from ..model_card import save_pretrained_with_card
 
-    target = check_output(save_directory, overwrite)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{target.name}.") as tmp:
-        staging = Path(tmp) / "checkpoint"
+    with staged_directory(save_directory, overwrite=overwrite) as staging:
         save_pretrained_with_card(model, staging, base_model=base_model)
         if preprocessor is not None:
             preprocessor.save_pretrained(staging)
-        if target.exists():
-            old = Path(tmp) / "previous"
-            target.rename(old)  # removed with the temporary directory
-        staging.rename(target)
-    return target
+    return Path(save_directory)

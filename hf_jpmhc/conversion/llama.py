@@ -121,12 +121,16 @@ def jpmhc_config_from(source_config, num_streams: int, mixer: str, mixer_options
 
 
 def load_source(model_or_path: nn.Module | str | Path, num_streams: int, mixer: str, mixer_options: dict):
-    """(source model, target config); a path or Hub name is checked from its config before the weights load."""
+    """(source model, target config); a path or Hub name is checked, and mapped from its config, before the
+    weights load, strictly (``hf_jpmhc.loading``: weights that do not match the config are refused)."""
     if isinstance(model_or_path, (str, Path)):
         from transformers import AutoConfig, AutoModelForCausalLM
 
+        from ..loading import check_checkpoint, load_pretrained
+
+        check_checkpoint(model_or_path)
         config = jpmhc_config_from(AutoConfig.from_pretrained(model_or_path), num_streams, mixer, mixer_options)
-        return AutoModelForCausalLM.from_pretrained(model_or_path), config
+        return load_pretrained(AutoModelForCausalLM, model_or_path), config
     if not isinstance(model_or_path, nn.Module) or not hasattr(model_or_path, "config"):
         raise ValueError(f"model_or_path must be a causal LM, a directory or a Hub name, got {type(model_or_path).__name__}")
     return model_or_path, jpmhc_config_from(model_or_path.config, num_streams, mixer, mixer_options)

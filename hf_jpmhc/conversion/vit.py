@@ -42,12 +42,16 @@ def jpmhc_vit_config_from(source_config: ViTConfig, num_streams: int, mixer: str
 
 
 def load_source(model_or_path: nn.Module | str | Path) -> ViTForImageClassification | ViTModel:
-    """A ViT model instance, or the checkpoint at a path / Hub name loaded as the class its config names."""
+    """A ViT model instance, or the checkpoint at a path / Hub name loaded, strictly (``hf_jpmhc.loading``), as
+    the class its config names."""
     if isinstance(model_or_path, (str, Path)):
+        from ..loading import check_checkpoint, load_pretrained
+
+        check_checkpoint(model_or_path)
         config = ViTConfig.from_pretrained(model_or_path)
         jpmhc_vit_config_from(config, 1, "identity", {})  # refuse a non-ViT checkpoint before loading weights
         with_head = "ViTForImageClassification" in (config.architectures or [])
-        return (ViTForImageClassification if with_head else ViTModel).from_pretrained(model_or_path, config=config)
+        return load_pretrained(ViTForImageClassification if with_head else ViTModel, model_or_path, config=config)
     if not isinstance(model_or_path, (ViTForImageClassification, ViTModel)):
         raise ValueError(
             "model_or_path must be a ViTForImageClassification, a ViTModel, a directory or a Hub name, "

@@ -46,7 +46,13 @@ def load_image_dataset(name: str = "auto") -> DatasetDict:
         return _cached(name, _build_fashion_mnist)
     if name == "mnist_5k":
         return _cached(name, _build_mnist_5k)
-    dataset = load_dataset(name)
+    try:
+        dataset = load_dataset(name)
+    except (OSError, ValueError) as error:  # not found, not reachable (offline), not a dataset
+        raise ValueError(
+            f"image dataset {name!r} could not be loaded ({type(error).__name__}: {str(error).splitlines()[0]}); use "
+            f"'auto', {', '.join(map(repr, OFFLINE_DATASETS))} (offline) or a local or Hub dataset with image/label columns"
+        ) from error
     missing = {"train", "test"} - set(dataset) or {"image", "label"} - set(dataset["train"].column_names)
     if missing:
         raise ValueError(

@@ -38,13 +38,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                "a Haar rotation of their input side (DRAWS per position; same g_k, β_k, so the same "
                                "prediction): rotated vs MC measures the real branches' non-freeness")  # fmt: skip
     spectrum.add_argument("--seed", type=int, default=0)
-    spectrum.set_defaults(func=_spectrum)
+    spectrum.set_defaults(func=_spectrum, prog=spectrum.prog)
 
     gain = subparsers.add_parser("gain", help="per-site and composite Amax gains of a JPmHC model", epilog=GAIN_EXAMPLE)
     gain.add_argument("--model", required=True, help="a JPmHC checkpoint directory (or Hub name)")
     gain.add_argument("--prompt", default="The capital of Germany is", help="text the gains are measured on")
     gain.add_argument("--output", default="gain.png", help="PNG to write")
-    gain.set_defaults(func=_gain)
+    gain.set_defaults(func=_gain, prog=gain.prog)
 
 
 @contextmanager
@@ -64,7 +64,9 @@ def _load(path: str):
     import hf_jpmhc  # noqa: F401  (registers the JPmHC Auto classes)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype="float32").eval()
+    from ..loading import load_pretrained
+
+    model = load_pretrained(AutoModelForCausalLM, path, dtype="float32").eval()
     tokenizer = AutoTokenizer.from_pretrained(path)
     return model, tokenizer
 
@@ -262,6 +264,7 @@ def _print_rotated_table(rows, draws: int) -> None:
 def _write_json(args: argparse.Namespace, rows, rotated_rows=()) -> None:
     import json
 
+    from ..outputs import atomic_write_text
     from .ensemble import bootstrap_relative_error, paired_relative_error
 
     rotated_by_mixer = {row[0]: row[3] for row in rotated_rows}
@@ -279,8 +282,7 @@ def _write_json(args: argparse.Namespace, rows, rotated_rows=()) -> None:
         if mixer in rotated_by_mixer:
             record["rotated_control_draws"] = args.rotated_control
         records.append(record)
-    with open(args.json, "w") as f:
-        json.dump(records, f, indent=1)
+    atomic_write_text(args.json, json.dumps(records, indent=1))
     print(f"wrote {args.json}")
 
 

@@ -76,7 +76,10 @@ def record_mixers(model: nn.Module):
     records: list[tuple[str, torch.Tensor]] = []
     sites = [(name, m) for name, m in model.named_modules() if isinstance(m, HyperConnection)]
     if not sites:
-        raise ValueError(f"{type(model).__name__} has no HyperConnection modules: is it a JPmHC model?")
+        raise ValueError(
+            f"{type(model).__name__} has no HyperConnection modules, so it is not a JPmHC model; convert it first "
+            "(hf-jpmhc convert llama SRC OUT)"
+        )
 
     def recorder(name: str, hc: HyperConnection):
         def read(streams: torch.Tensor):

@@ -1,17 +1,16 @@
 """Figures: predicted vs empirical Jacobian spectra, and Amax gains over depth (matplotlib, Agg backend).
 
-Both save atomically (written aside, then renamed), so a reader never sees a half-written PNG.
+Both save atomically (``hf_jpmhc.outputs.atomic_path``), so a reader never sees a half-written PNG.
 """
 
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from dataclasses import dataclass
 
 import torch
 
+from ..outputs import atomic_path
 from .gain import GainReport
 
 
@@ -35,16 +34,8 @@ def _figure():
 
 
 def _save(fig, path: str) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".png", dir=directory)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=120, bbox_inches="tight")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with atomic_path(path) as staging:
+        fig.savefig(staging, dpi=120, bbox_inches="tight")
 
 
 def plot_spectra(panels: list[SpectrumPanel], path: str, suptitle: str = "") -> None:

@@ -34,6 +34,7 @@ from .hyper_connection import (
     StreamCollapse,
     expand_streams,
 )
+from .loading import StrictLoadingMixin
 from .mixers import Mixer, build_mixer
 
 try:  # transformers >= 5.21
@@ -112,7 +113,7 @@ class JPmHCDecoderLayer(HyperConnectedLayer):
         return self.mlp_hc.write(hidden_states, self.mlp(self.post_attention_layernorm(u)), post, mix)
 
 
-class JPmHCPreTrainedModel(PreTrainedModel):
+class JPmHCPreTrainedModel(StrictLoadingMixin, PreTrainedModel):  # from_pretrained refuses mismatched weights
     config: JPmHCConfig
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
