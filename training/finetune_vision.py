@@ -46,6 +46,7 @@ from hf_jpmhc import JPmHCViTForImageClassification, convert_vit  # noqa: E402
 from hf_jpmhc.data.images import load_image_dataset, resolve_dataset_name  # noqa: E402
 from hf_jpmhc.errors import user_errors  # noqa: E402
 from hf_jpmhc.loading import check_checkpoint, load_pretrained  # noqa: E402
+from hf_jpmhc.models.hyper_connection import is_hyper_connection_parameter  # noqa: E402
 from hf_jpmhc.models.mixers import validate_mixer  # noqa: E402
 from hf_jpmhc.outputs import atomic_write_text  # noqa: E402
 from training.common import (  # noqa: E402
@@ -198,7 +199,7 @@ def is_jpmhc(model) -> bool:
 
 
 def count_parameters(model) -> dict[str, int]:
-    hc = sum(p.numel() for n, p in model.named_parameters() if "_hc." in n or "stream_collapse." in n)
+    hc = sum(p.numel() for n, p in model.named_parameters() if is_hyper_connection_parameter(n))
     return {"parameters": model.num_parameters(), "hc_parameters": hc}
 
 

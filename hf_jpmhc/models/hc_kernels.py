@@ -17,7 +17,6 @@ C++ loops are then absent, and the torch code runs in their place (inductor's fo
 from __future__ import annotations
 
 import functools
-from contextvars import ContextVar
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -156,11 +155,11 @@ class StreamRecompute(torch.autograd.graph.saved_tensors_hooks):
 
     def __enter__(self) -> StreamRecompute:
         super().__enter__()
-        self._token = ACTIVE_RECOMPUTE.set(self)
+        ACTIVE_RECOMPUTE.append(self)
         return self
 
     def __exit__(self, *exc) -> None:
-        ACTIVE_RECOMPUTE.reset(self._token)
+        ACTIVE_RECOMPUTE.remove(self)
         self._rebuild = {key: entry for key, entry in self._rebuild.items() if entry[2] > 0}
         super().__exit__(*exc)
 
@@ -195,7 +194,7 @@ class StreamRecompute(torch.autograd.graph.saved_tensors_hooks):
         return view
 
 
-ACTIVE_RECOMPUTE: ContextVar[StreamRecompute | None] = ContextVar("hf_jpmhc_stream_recompute", default=None)
+ACTIVE_RECOMPUTE: list[StreamRecompute] = []  # the policies entered and not yet left, innermost last
 KERNELS = {"torch": TorchKernels(), "compiled": CompiledKernels()}
 
 
@@ -206,8 +205,7 @@ def kernels_for(kernel_backend: str, tensor: torch.Tensor):
     if kernels is None:
         check_choice("kernel_backend", kernel_backend, HC_KERNEL_BACKENDS)
         kernels = _triton_kernels(kernel_backend, tensor)
-    policy = ACTIVE_RECOMPUTE.get()
-    return kernels if policy is None else RecomputeKernels(kernels, policy)
+    return RecomputeKernels(kernels, ACTIVE_RECOMPUTE[-1]) if ACTIVE_RECOMPUTE else kernels
 
 
 def _triton_kernels(kernel_backend: str, tensor: torch.Tensor):

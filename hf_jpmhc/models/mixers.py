@@ -147,10 +147,10 @@ class SinkhornMixer(Mixer):
         return (IDENTITY_LOGIT * torch.eye(self.num_streams)).flatten()
 
     def kernel(self, backend: str) -> tuple | None:
-        """The log-domain rounds + Newton polish (eps = 0); in Triton only with the implicit backward."""
-        if self.eps != 0 or (backend == "triton" and self.backward != "implicit"):
-            return None
-        return "sinkhorn", self.iters, self.newton_steps
+        """The log-domain rounds + Newton polish (eps = 0) in C++; in Triton too with the implicit backward."""
+        if self.eps == 0 and (backend == "cpu" or (backend == "triton" and self.backward == "implicit")):
+            return "sinkhorn", self.iters, self.newton_steps
+        return None
 
     def forward(self, theta: torch.Tensor) -> torch.Tensor:
         n = self.num_streams

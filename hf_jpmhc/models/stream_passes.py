@@ -142,6 +142,23 @@ def read_backward_streams(streams, pre, grad_u, kappa, g, phi):
     return grad_x, g.T @ x_flat  # (…, n, C), (M, K)
 
 
+def coefficient_grads(grad_pre, grad_post, grad_res, pre, post, zlin, rstd, scale, pre_eps: float, width: int):
+    """The coefficients' backward up to the pass over X, shared by the torch and Triton reads: from ∂pre, ∂post,
+    ∂θ (…, ·) and the saved pre, post, z_lin = rstd · xΦᵀ (…, M), rstd (…, 1) and per-row α ``scale`` (M,),
+
+        ∂z = [∂pre σ'(z_pre), ∂post 2σ'(z_post), ∂θ]     ∂scale = Σ ∂z ⊙ z_lin     ∂b = Σ ∂z
+        g = ∂z_lin · rstd (∂z_lin = ∂z ⊙ scale)          κ = rstd² / K · Σ_m ∂z_lin ⊙ z_lin   (K = ``width`` = nC)
+
+    summed over the tokens where marked; the pass over X then forms ∂X = g Φ − κ x (+ the collapse's term) and
+    ∂Φ = gᵀ x. Returns ∂scale (M,), ∂b (M,), g (…, M), κ (…, 1)."""
+    sig_pre, sig_post = pre - pre_eps, post / 2
+    grad_z = torch.cat([grad_pre * sig_pre * (1 - sig_pre), grad_post * post * (1 - sig_post), grad_res], dim=-1)
+    tokens = tuple(range(grad_z.dim() - 1))
+    grad_zlin = grad_z * scale
+    kappa = (grad_zlin * zlin).sum(-1, keepdim=True) * rstd.square() / width
+    return (grad_z * zlin).sum(tokens), grad_z.sum(tokens), grad_zlin * rstd, kappa
+
+
 class StreamPasses:
     """The passes above, as one backend runs them: this class runs them as written; the compiled backend swaps in
     hf_jpmhc's C++ loops or inductor's code for each (``hc_kernels.CompiledKernels``)."""
@@ -183,14 +200,9 @@ class HyperConnectionRead(torch.autograd.Function):
         x = streams.contiguous().float()  # (…, n, C); a view for contiguous float32 streams
         grad_u = grad_u.float()
         grad_pre = ctx.passes.row_dot(grad_u, x)  # (…, n): the collapse's ∂pre
-        sig_pre, sig_post = pre - ctx.pre_eps, post / 2
-        grad_z = torch.cat([grad_pre * sig_pre * (1 - sig_pre), grad_post * post * (1 - sig_post), grad_res], dim=-1)
-        lead = tuple(range(grad_z.dim() - 1))
-        grad_alpha = torch.stack([part.sum() for part in (grad_z * zlin).sum(lead).split(ctx.split_sizes)])
-        grad_bias = grad_z.sum(lead)
-        grad_zlin = grad_z * scale  # (…, M)
-        g = grad_zlin * rstd
-        kappa = (grad_zlin * zlin).sum(-1, keepdim=True) * rstd.square() / x.shape[-1] / x.shape[-2]  # (…, 1)
+        grad_scale, grad_bias, g, kappa = coefficient_grads(grad_pre, grad_post, grad_res, pre, post, zlin, rstd,
+                                                            scale, ctx.pre_eps, x.shape[-2] * x.shape[-1])  # fmt: skip
+        grad_alpha = torch.stack([part.sum() for part in grad_scale.split(ctx.split_sizes)])
         grad_x, grad_phi = ctx.passes.read_backward_streams(x, pre, grad_u, kappa, g, phi.float())
         return grad_x.to(streams.dtype), grad_phi, grad_alpha, grad_bias, None, None, None, None
 

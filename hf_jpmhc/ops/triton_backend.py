@@ -16,6 +16,22 @@ from hf_jpmhc.models.stream_passes import activate_coefficients
 from ._backend import device_guard, triton_available
 
 
+def _sinkhorn(z_res: torch.Tensor, n: int, iters: int, newton_steps: int) -> torch.Tensor:
+    from .sinkhorn.fused import sinkhorn_triton
+
+    return sinkhorn_triton(z_res.unflatten(-1, (n, n)), iters, newton_steps)
+
+
+def _cayley_iterative(z_res: torch.Tensor, n: int, basis: torch.Tensor, iters: int) -> torch.Tensor:
+    from .cayley.fused import cayley_triton
+
+    return cayley_triton(skew_from_logits(z_res, basis, n), iters)
+
+
+# The mixers' Triton kernels by the names they declare in Mixer.kernel("triton"): (θ, n, *arguments) → H.
+MIXER_KERNELS = {"sinkhorn": _sinkhorn, "cayley_iterative": _cayley_iterative}
+
+
 class TritonKernels:
     name = "triton"
 
@@ -38,18 +54,8 @@ class TritonKernels:
         if kernel is None:
             return mixer(z_res)
         name, *args = kernel
-        n = mixer.num_streams
         with device_guard(z_res):
-            if name == "sinkhorn":
-                from .sinkhorn.fused import sinkhorn_triton
-
-                return sinkhorn_triton(z_res.unflatten(-1, (n, n)), *args)
-            if name == "cayley_iterative":
-                from .cayley.fused import cayley_triton
-
-                basis, iters = args
-                return cayley_triton(skew_from_logits(z_res, basis, n), iters)
-        raise ValueError(f"no Triton kernel named {name!r} (declared by {type(mixer).__name__}.kernel)")
+            return MIXER_KERNELS[name](z_res, mixer.num_streams, *args)
 
     def write(self, hc, streams, branch, post, mixer):
         from .stream_update.fused import update_streams_triton
