@@ -32,8 +32,8 @@ def _code(path: Path) -> str:
 
 def test_cpu_loops_are_built_with_the_python_constants():
     """The library reports the values it was compiled with: those of NUMERICS, their one definition."""
-    assert cpu.library() is not None, "the C++ CPU kernels did not build (see the warning)"
-    assert list(cpu.library().numerics()) == [float(value) for value in cpu.NUMERICS.values()]
+    assert cpu.load() is not None, "the C++ CPU kernels did not build (see the warning)"
+    assert list(cpu.load().numerics()) == [float(value) for value in cpu.NUMERICS.values()]
 
 
 def test_kernels_cpp_holds_no_copy_of_a_constant():

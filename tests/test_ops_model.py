@@ -205,7 +205,7 @@ def test_cpu_kernels_match_the_references(n, channels, tokens):
 
     references = {"collapse_streams": collapse_streams_reference, "update_streams": update_streams_reference,
                   "read_streams": read_streams_reference}  # fmt: skip
-    assert cpu.library() is not None, "the C++ CPU kernels did not build (see the warning)"
+    assert cpu.load() is not None, "the C++ CPU kernels did not build (see the warning)"
     g = torch.Generator().manual_seed(n * channels)
     lead, m = (tokens // 3, 3) if tokens % 3 == 0 else (tokens, 1), 2 * n + n * n
 
@@ -254,7 +254,7 @@ def test_cpu_kernels_match_the_references(n, channels, tokens):
                  grassmann)  # fmt: skip
     assert native.read_streams(*read_args) is None
     with pytest.raises(RuntimeError, match="one entry per token"):  # the loops check sizes themselves too
-        cpu.library().collapse(streams, pre[..., :1].contiguous())
+        cpu.load().collapse(streams, pre[..., :1].contiguous())
 
 
 @pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc's mallopt")
@@ -346,3 +346,43 @@ def test_compiled_small_solve_matches_lapack():
     torch.testing.assert_close(compiled_solve(eye - skew / 2, eye + skew / 2), cayley(skew), rtol=1e-8, atol=1e-8)
     q = torch.compile(cayley, backend="aot_eager", fullgraph=True)(skew.float())
     torch.testing.assert_close(q @ q.mT, torch.eye(4).expand_as(q), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["inference", "training"])
+def test_compiled_backend_is_traced_into_an_enclosing_compile(grad):
+    """kernel_backend="compiled" under the user's own torch.compile: its C++ loops are registered torch ops, so
+    dynamo traces them into the one graph (no break, no bypass) and the result equals eager."""
+    hc = HyperConnection(16, build_mixer("sinkhorn", 4), kernel_backend="compiled")
+    with torch.no_grad():
+        hc.phi.normal_(0, 0.1), hc.bias.add_(torch.randn(hc.bias.shape) * 0.3)
+
+    def step(streams, branch):
+        u, post, h = hc.read(streams)
+        return hc.write(streams, branch * u, post, h)
+
+    graphs = []
+
+    def capture(graph_module, inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    streams, branch = torch.randn(2, 3, 4, 16, requires_grad=grad), torch.randn(2, 3, 16)
+    with torch.set_grad_enabled(grad):
+        compiled = torch.compile(step, backend=capture, fullgraph=True)(streams, branch)
+        torch.testing.assert_close(compiled, step(streams, branch), atol=1e-6, rtol=1e-6)
+    called = {str(node.target) for graph in graphs for module in graph.modules()  # with the autograd.Function bodies
+              if isinstance(module, torch.fx.GraphModule) for node in module.graph.nodes if node.op == "call_function"}
+    assert any(target.startswith("hf_jpmhc.") for target in called), sorted(called)
+
+
+def test_compiled_backend_keeps_forward_hooks_on_the_mixer():
+    """A forward hook on a mixer still sees its forward run under kernel_backend="compiled" (the fused C++ read
+    and the compiled mixer would bypass it), and the model's outputs do not change."""
+    ids = torch.randint(3, 128, (2, 7))
+    reference = _perturbed_model(mixer="sinkhorn", kernel_backend="torch").eval()
+    model = _perturbed_model(mixer="sinkhorn", kernel_backend="compiled").eval()
+    seen = []
+    model.model.layers[0].attn_hc.mixer.register_forward_hook(lambda module, args, out: seen.append(out.shape))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, reference(ids).logits, atol=1e-5, rtol=1e-5)
+    assert seen == [torch.Size([2, 7, 4, 4])]

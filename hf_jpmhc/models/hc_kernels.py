@@ -31,6 +31,9 @@ class TorchKernels:
     name = "torch"
     passes = StreamPasses
 
+    def prepare(self) -> None:
+        """Whatever the backend needs before its first call (called when a module that uses it is made)."""
+
     def read(self, hc, streams: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """u (…, C), post (…, n), H (…, n, n) of the site ``hc`` (a ``HyperConnection``)."""
         if hc.phi is None:  # static coefficients: one θ per site, no batch axes
@@ -61,20 +64,20 @@ class TorchKernels:
         return HyperConnectionRead.apply(*args, self.passes)[0]
 
 
-@functools.cache
 def _native_passes():
-    """hf_jpmhc's C++ loops (``hf_jpmhc.ops.cpu.NativePasses``), or None where hf_jpmhc is not installed."""
+    """hf_jpmhc's C++ loops (``hf_jpmhc.ops.cpu.NativePasses``), built and loaded; None where hf_jpmhc is not
+    installed or the build failed."""
     try:
-        from hf_jpmhc.ops.cpu import NativePasses
+        from hf_jpmhc.ops import cpu
     except ImportError:
         return None
-    return NativePasses
+    return cpu.NativePasses if cpu.load() is not None else None
 
 
-def _compiled_pass(name: str):
-    """The pass ``name`` of kernel_backend="compiled": the C++ loop where it takes the inputs (it returns None
-    otherwise), else ``torch.compile`` of the torch pass. Under an enclosing ``torch.compile`` the torch pass is
-    traced as it is, and the C++ loops (registered torch ops) are traced into the graph. Inputs are passed
+def _compiled_pass(name: str, native):
+    """The pass ``name`` of kernel_backend="compiled": its C++ loop ``native`` where that takes the inputs (it
+    returns None otherwise), else ``torch.compile`` of the torch pass. Under an enclosing ``torch.compile`` the C++
+    loops (registered torch ops) are traced into the graph, and the torch pass as it is. Inputs are passed
     contiguous, and to inductor detached, so that neither the expanded first-layer streams nor autograd flags
     cause recompiles."""
     function = getattr(StreamPasses, name)
@@ -82,7 +85,6 @@ def _compiled_pass(name: str):
 
     def run(*args):
         args = tuple(a.contiguous() if isinstance(a, torch.Tensor) else a for a in args)
-        native = getattr(_native_passes(), name, None)
         out = native(*args) if native is not None else None
         if out is None:
             compiling = torch.compiler.is_compiling()
@@ -96,16 +98,36 @@ def _compiled_pass(name: str):
 class CompiledKernels(TorchKernels):
     """kernel_backend="compiled": the torch backend with every pass compiled (``_compiled_pass``) and the mixer
     compiled with its backward (AOTAutograd: the Sinkhorn rounds, polish and implicit backward as one kernel each
-    way, 2.7 → 1.2 ms per site at benchmark 1's shape)."""
+    way, 2.7 → 1.2 ms per site at benchmark 1's shape). ``prepare`` builds the C++ loops when a module that uses
+    this backend is made, so that traced code never builds."""
 
     name = "compiled"
-    passes = type("CompiledPasses", (), {name: _compiled_pass(name) for name in vars(StreamPasses)
-                                         if not name.startswith("_")})  # fmt: skip
+    passes = StreamPasses  # until prepare()
+
+    def prepare(self) -> None:
+        if self.passes is StreamPasses:
+            native = _native_passes()
+            members = [name for name in vars(StreamPasses) if not name.startswith("_")]
+            self.passes = type("CompiledPasses", (), {name: _compiled_pass(name, getattr(native, name, None))
+                                                      for name in members})  # fmt: skip
+
+    def read(self, hc, streams: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if has_forward_hooks(hc.mixer):  # a compiled or C++ mixer would bypass them: the torch read calls it
+            return KERNELS["torch"].read(hc, streams)
+        return super().read(hc, streams)
 
     def mix(self, mixer, z_res: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_compiling():
             return mixer(z_res)
         return _compiled_forward(type(mixer))(mixer, z_res)
+
+
+def has_forward_hooks(module: torch.nn.Module) -> bool:
+    """Whether forward hooks would run around ``module`` (its own or global ones)."""
+    from torch.nn.modules import module as modules
+
+    return bool(module._forward_hooks or module._forward_pre_hooks or modules._global_forward_hooks
+                or modules._global_forward_pre_hooks)  # fmt: skip
 
 
 @functools.cache
@@ -196,6 +218,14 @@ class StreamRecompute(torch.autograd.graph.saved_tensors_hooks):
 
 ACTIVE_RECOMPUTE: list[StreamRecompute] = []  # the policies entered and not yet left, innermost last
 KERNELS = {"torch": TorchKernels(), "compiled": CompiledKernels()}
+
+
+def prepare_kernels(kernel_backend: str) -> None:
+    """Ready the kernels of ``kernel_backend`` (invalid choices raise ValueError): done when a hyper-connection
+    module is made, outside any traced code."""
+    check_choice("kernel_backend", kernel_backend, HC_KERNEL_BACKENDS)
+    if kernel_backend in KERNELS:
+        KERNELS[kernel_backend].prepare()
 
 
 def kernels_for(kernel_backend: str, tensor: torch.Tensor):

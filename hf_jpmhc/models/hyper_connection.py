@@ -11,8 +11,7 @@ import torch
 from torch import nn
 from transformers.modeling_layers import GradientCheckpointingLayer
 
-from .configuration_hyper_connection import HC_KERNEL_BACKENDS, check_choice
-from .hc_kernels import StreamRecompute, kernels_for
+from .hc_kernels import StreamRecompute, kernels_for, prepare_kernels
 from .mixers import Mixer, _logit
 from .stream_passes import activate_coefficients, dynamic_coefficients
 
@@ -76,7 +75,7 @@ class HyperConnection(nn.Module):
         kernel_backend: str = "auto",
     ):
         super().__init__()
-        check_choice("kernel_backend", kernel_backend, HC_KERNEL_BACKENDS)
+        prepare_kernels(kernel_backend)
         n, r = mixer.num_streams, mixer.num_logits
         self.num_streams, self.mixer, self.home_stream, self.kernel_backend = n, mixer, home_stream % n, kernel_backend
         self.split_sizes = (n, n, r)
@@ -130,7 +129,7 @@ class StreamCollapse(nn.Module):
     def __init__(self, hidden_size: int, num_streams: int, *, learned: bool = True, alpha_init: float = 0.01,
                  pre_eps: float = 0.0, norm_eps: float = 1e-6, kernel_backend: str = "auto"):  # fmt: skip
         super().__init__()
-        check_choice("kernel_backend", kernel_backend, HC_KERNEL_BACKENDS)
+        prepare_kernels(kernel_backend)
         self.kernel_backend = kernel_backend
         self.num_streams, self.alpha_init, self.pre_eps, self.norm_eps = num_streams, alpha_init, pre_eps, norm_eps
         self.split_sizes = (num_streams, 0, 0)  # the weights w are a read's pre segment; there is no post or H

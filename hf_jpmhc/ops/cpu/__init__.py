@@ -44,7 +44,7 @@ NUMERICS = {
     **{f"MIXER_{name.upper()}": code for name, code in MIXER_KINDS.items()},
 }
 
-__all__ = ["MIXER_KINDS", "NUMERICS", "NativePasses", "keep_freed_memory", "library"]
+__all__ = ["MIXER_KINDS", "NUMERICS", "OPS", "NativePasses", "keep_freed_memory", "load"]
 
 
 def keep_freed_memory() -> bool:
@@ -72,13 +72,22 @@ def build_flags() -> list[str]:
     return [*defines, "-DHF_NUMERICS=" + ",".join(f"HF_{name}" for name in NUMERICS)]
 
 
-@functools.cache
-def library():
-    """``torch.ops.hf_jpmhc`` once the extension is built and loaded, else None (with a warning)."""
-    from torch.utils.cpp_extension import load
+OPS = None  # torch.ops.hf_jpmhc once load() has built and loaded the extension
+_LOAD_TRIED = False
+
+
+def load():
+    """Build the extension (once; cached on disk) and load it: ``torch.ops.hf_jpmhc``, or None with a warning.
+    Called eagerly (by the compiled backend when a module that uses it is made), so that traced code only reads
+    ``OPS``."""
+    global OPS, _LOAD_TRIED
+    if _LOAD_TRIED:
+        return OPS
+    _LOAD_TRIED = True
+    from torch.utils.cpp_extension import load as build_and_load
 
     try:
-        load(
+        build_and_load(
             name="hf_jpmhc_cpu",
             sources=[os.path.join(os.path.dirname(__file__), "kernels.cpp")],
             extra_cflags=["-O3", "-march=native", "-fopenmp", *build_flags()],  # OpenMP: at::parallel_for, omp simd
@@ -90,7 +99,8 @@ def library():
                       "uses inductor's code for every pass instead", stacklevel=3)  # fmt: skip
         return None
     _register_fakes()
-    return torch.ops.hf_jpmhc
+    OPS = torch.ops.hf_jpmhc
+    return OPS
 
 
 def _register_fakes() -> None:
@@ -120,7 +130,7 @@ def _library_for(tensors: tuple, shapes: tuple):
     for tensor, shape in zip(tensors, shapes, strict=True):  # a loop: at one token its cost is not negligible
         if not (tensor.is_cpu and tensor.dtype == torch.float32 and tensor.shape == shape):
             return None
-    return library()
+    return OPS
 
 
 @functools.cache
