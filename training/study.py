@@ -309,14 +309,18 @@ def predict_spectrum_at_init(argv: list[str], threads: int = 1) -> dict:
     branch gains measured on the first ``SPECTRUM_TOKENS`` tokens of the first validation block, then
     ``jacobian_moments``. A plain Llama is converted to its n = 1 identity-mixer equivalent (same function).
 
-    m1 = tr(JJᵀ)/N is the mean squared singular value; spread = m2/m1² ≥ 1 is 1 for an isometry (every singular
-    value equal) and grows as the spectrum spreads: the predicted ill-conditioning.
+    Two predictions: ``m1, m2, spread`` for the model as it starts — every mixer at its identity logits, so identity,
+    stiefel, grassmann and unconstrained start from the same H = I and get the same prediction — and ``random_*``
+    for the same model with its mixer logits drawn as ``hf-jpmhc spectrum``'s ensemble draws them (b_res ~ N(0, s²),
+    s = 1, 0.02 for unconstrained: a random point of each manifold, where the mixers differ). m1 = tr(JJᵀ)/N is the
+    mean squared singular value; spread = m2/m1² ≥ 1 is 1 for an isometry and grows as the spectrum spreads.
     """
     import torch
 
     from hf_jpmhc import JPmHCForCausalLM, convert_llama
     from hf_jpmhc.data.text import build_lm_datasets
     from hf_jpmhc.diagnostics import jacobian_moments, measure_sites
+    from hf_jpmhc.diagnostics.ensemble import DEFAULT_LOGIT_STD, randomize_mixer_logits
     from training import pretrain
     from training.common import seed_everything
 
@@ -331,9 +335,17 @@ def predict_spectrum_at_init(argv: list[str], threads: int = 1) -> dict:
                              dataset_config=config.dataset_config, val_fraction=config.val_fraction,
                              seed=config.seed).with_format("torch")  # fmt: skip
     input_ids = data["validation"][0]["input_ids"][:SPECTRUM_TOKENS]
-    measurement = measure_sites(model.eval(), input_ids)
-    m1, m2 = (m.mean().item() for m in jacobian_moments(measurement.coefficients, measurement.gain, measurement.kappa4))
-    return {"m1": m1, "m2": m2, "spread": m2 / m1**2, "tokens": int(input_ids.numel())}
+
+    def moments(prefix: str) -> dict:
+        measurement = measure_sites(model.eval(), input_ids)
+        m1, m2 = (m.mean().item() for m in jacobian_moments(measurement.coefficients, measurement.gain, measurement.kappa4))
+        return {f"{prefix}m1": m1, f"{prefix}m2": m2, f"{prefix}spread": m2 / m1**2}
+
+    prediction = {**moments(""), "tokens": int(input_ids.numel())}
+    logit_std = DEFAULT_LOGIT_STD.get(model.config.mixer, 1.0)
+    sites = [hc for layer in model.model.layers for hc in (layer.attn_hc, layer.mlp_hc)]
+    randomize_mixer_logits(sites, logit_std, torch.Generator().manual_seed(config.seed))
+    return {**prediction, **moments("random_"), "random_logit_std": logit_std}
 
 
 # ----------------------------------------------------------------------------------------------------

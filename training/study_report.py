@@ -110,8 +110,8 @@ def arm_statistics(arms: dict[str, list[dict]], reference: str | None) -> dict[s
         s["step_cpu_seconds"] = statistics.median(r["step_cpu_seconds"] for r in runs)
         s["drop_last_fifth"] = statistics.fmean(_late_drop(r) for r in runs)
         if "spectrum" in runs[0]:
-            s["spread"] = statistics.fmean(r["spectrum"]["spread"] for r in runs)
-            s["m1"] = statistics.fmean(r["spectrum"]["m1"] for r in runs)
+            for key in ("m1", "spread", "random_m1", "random_spread"):
+                s[key] = statistics.fmean(r["spectrum"][key] for r in runs)
         stats[arm] = s
     return stats
 
@@ -159,7 +159,7 @@ def setting_table(spec: dict, stats: dict[str, dict], target: float) -> str:
     header += ["max Amax", "final ‖H − H₀‖_F", "s/step (wall / CPU)", "HC MFLOP/token (% of dense)"]
     spectrum = "spread" in next(iter(stats.values()))
     if spectrum:
-        header += ["predicted m₁", "predicted m₂/m₁²"]
+        header += ["predicted m₁ / m₂/m₁² at init", "… with random H"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for arm, s in stats.items():
         run0 = s["run0"]
@@ -176,7 +176,7 @@ def setting_table(spec: dict, stats: dict[str, dict], target: float) -> str:
                 f"{s['step_seconds']:.3f} / {s['step_cpu_seconds']:.3f}",
                 f"{hc_flops / 1e6:.3g} ({100 * hc_flops / dense:.0f}%)" if hc_flops else "0"]  # fmt: skip
         if spectrum:
-            row += [f"{s['m1']:.4g}", f"{s['spread']:.4g}"]
+            row += [f"{s['m1']:.4g} / {s['spread']:.4g}", f"{s['random_m1']:.4g} / {s['random_spread']:.4g}"]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 
@@ -278,18 +278,19 @@ def plot_finals(groups: dict, stats: dict, path: Path, *, accuracy: bool) -> Pat
     return _save(fig, path)
 
 
-def plot_prediction(groups: dict, stats: dict, path: Path) -> Path:
-    """Predicted spread m₂/m₁² at initialisation (x, log) against the final validation loss (y), per depth."""
+def plot_prediction(groups: dict, stats: dict, path: Path, key: str = "spread") -> Path:
+    """Predicted spread m₂/m₁² (x, log; ``key``: at the runs' initialisation, or ``random_spread`` with random H)
+    against the final validation loss (y), per depth."""
     fig, axes = _panels(groups)
     colors = _colors(list(dict.fromkeys(arm for g in groups.values() for arm in g)))
     for ax, (setting, group) in zip(axes, groups.items()):
         for arm in group:
             s = stats[setting][arm]
             mean, half = s["val"]
-            ax.errorbar([s["spread"]], [mean], yerr=[[half or 0]], fmt="o", ms=5, capsize=3, color=colors[arm], label=arm)
+            ax.errorbar([s[key]], [mean], yerr=[[half or 0]], fmt="o", ms=5, capsize=3, color=colors[arm], label=arm)
         ax.set_xscale("log")
         ax.set_title(setting, fontsize=9)
-        ax.set_xlabel("predicted m₂/m₁² of ∂X_L/∂X_0 at init", fontsize=8)
+        ax.set_xlabel(f"predicted m₂/m₁² of ∂X_L/∂X_0, {'random H' if key.startswith('random') else 'at init'}", fontsize=8)
         ax.grid(alpha=0.3)
         ax.tick_params(labelsize=7)
     axes[0].set_ylabel("final validation loss (95% CI)", fontsize=8)
@@ -326,7 +327,8 @@ def write_report(output_dir: str | Path, docs: str | Path | None = None) -> dict
     if accuracy:
         figures.append(plot_curves(groups, "accuracy", output_dir / "accuracy.png", "test accuracy"))
     if spec.get("spectrum"):
-        figures.append(plot_prediction(groups, stats, output_dir / "prediction.png"))
+        figures.append(plot_prediction(groups, stats, output_dir / "prediction_init.png"))
+        figures.append(plot_prediction(groups, stats, output_dir / "prediction_random.png", key="random_spread"))
     figures = [f for f in figures if f is not None]
 
     sections = [f"# Study `{spec['name']}`\n", spec.get("description", "").strip() + "\n"]
