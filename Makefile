@@ -13,7 +13,9 @@ DEMO_TASKS ?= arc_easy,arc_challenge,drop
 LOWEST_TESTS ?= tests/test_modeling.py tests/test_config.py tests/test_convert_llama.py tests/test_vit.py \
 	tests/test_remote_code.py tests/test_deepseek_v4.py tests/test_peft.py tests/test_cross_version.py
 
-.PHONY: setup setup-lowest demo test test-newest test-lowest test-fast bench compare-mixers vision-experiment
+STUDY_DIR ?= runs/study
+
+.PHONY: setup setup-lowest demo test test-newest test-lowest test-fast bench study
 
 # The newest releases pip resolves today (as a new user gets them).
 $(BIN)/.installed: pyproject.toml Makefile
@@ -68,8 +70,12 @@ bench: setup
 	$(BIN)/python benchmarks/bench_stream_update.py
 	$(BIN)/python benchmarks/bench_generate.py --threads 1
 
-compare-mixers: setup
-	$(BIN)/python training/compare_mixers.py --output_dir runs/compare_mixers
-
-vision-experiment: setup
-	$(BIN)/python training/vision_experiment.py --output_dir runs/vision_experiment
+# The three residual-mixer studies of docs/mixer_study.md, one after another, one thread each (about 7 CPU-hours);
+# resumable: after an interruption run it again. Results and figures go to $(STUDY_DIR) and docs/. The vision study
+# needs Debian's dataset-fashion-mnist (installed here when missing: needs root).
+study: setup
+	$(BIN)/python -c "from hf_jpmhc.data.images import fashion_mnist_available as ok; raise SystemExit(not ok())" \
+		|| apt-get install -y dataset-fashion-mnist || sudo apt-get install -y dataset-fashion-mnist
+	$(BIN)/python training/study.py run training/configs/studies/mixers.yaml --output_dir $(STUDY_DIR)/mixers --docs docs
+	$(BIN)/python training/study.py run training/configs/studies/depth.yaml --output_dir $(STUDY_DIR)/depth --docs docs
+	$(BIN)/python training/study.py run training/configs/studies/vision.yaml --output_dir $(STUDY_DIR)/vision --docs docs
