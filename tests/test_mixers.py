@@ -327,3 +327,13 @@ def test_orientation_with_non_symmetric_mixer(name):
             for t in range(n):
                 expected = sum(mix[b, i, s, t] * streams[b, i, s] for s in range(n)) + post[b, i, t] * branch[b, i]
                 torch.testing.assert_close(out[b, i, t], expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", sorted(MIXERS))
+def test_mean_preserving_is_declared_exactly_where_the_columns_sum_to_one(name):
+    """``Mixer.mean_preserving`` (Hᵀ1 = 1 for every θ, relied on by the degeneration check of the dynamics
+    monitor) agrees with H itself at random logits."""
+    mixer = build_mixer(name, 4)
+    h = mixer(torch.randn(64, mixer.num_logits, dtype=torch.float64) * 2)
+    columns_sum_to_one = bool(torch.allclose(h.sum(-2), torch.ones(64, 4, dtype=torch.float64), atol=1e-6))
+    assert mixer.mean_preserving == columns_sum_to_one

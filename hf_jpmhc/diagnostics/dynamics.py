@@ -35,7 +35,6 @@ import torch
 from torch import nn
 
 from ..models.hyper_connection import HyperConnection
-from ..models.mixers import MEAN_PRESERVING
 from .gain import gain_report, hyper_connection_sites, observe_reads, stack_site_mixers
 
 # Metrics logged for every site (the others only aggregated): keeps a depth-64 record at ~800 numbers.
@@ -120,7 +119,7 @@ def can_move(hc: HyperConnection, index: int) -> bool:
     that site reads the expanded streams, n copies of the embedding, on which every such H gives the same
     output (Hᵀ X = X), so its logits get no gradient, by construction rather than degeneration.
     """
-    return hc.mixer.num_logits > 0 and not (index == 0 and hc.mixer.name in MEAN_PRESERVING)
+    return hc.mixer.num_logits > 0 and not (index == 0 and hc.mixer.mean_preserving)
 
 
 def short_site_names(names: list[str]) -> list[str]:

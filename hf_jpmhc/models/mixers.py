@@ -56,6 +56,7 @@ class Mixer(nn.Module):
 
     name: str
     num_logits: int
+    mean_preserving = False  # Hᵀ1 = 1 for every θ: equal streams stay equal (function preservation while they are)
 
     def __init__(self, num_streams: int):
         super().__init__()
@@ -97,6 +98,7 @@ class IdentityMixer(Mixer):
     """H = I: the plain residual (``num_streams=1`` gives a standard pre-norm transformer)."""
 
     name = "identity"
+    mean_preserving = True
 
     def __init__(self, num_streams: int):
         super().__init__(num_streams)
@@ -134,6 +136,7 @@ class SinkhornMixer(Mixer):
     """
 
     name = "sinkhorn"
+    mean_preserving = True
     BACKWARDS = ("implicit", "unrolled")
 
     def __init__(
@@ -172,6 +175,7 @@ class PermutationMixer(Mixer):
     """H = Σ_k softmax(θ)_k P_k over all n! permutation matrices (mHC-lite): exactly doubly stochastic."""
 
     name = "permutation"
+    mean_preserving = True
     MAX_STREAMS = 6  # 6! = 720 logits; 7! = 5040 makes the projection larger than the model
 
     def __init__(self, num_streams: int):
@@ -202,6 +206,7 @@ class KroneckerMixer(Mixer):
     """
 
     name = "kronecker"
+    mean_preserving = True
 
     def __init__(self, num_streams: int):
         super().__init__(num_streams)
@@ -236,6 +241,7 @@ class SpectralMixer(Mixer):
     """
 
     name = "spectral"
+    mean_preserving = True
 
     def __init__(self, num_streams: int):
         super().__init__(num_streams)
@@ -274,6 +280,7 @@ class TransportMixer(Mixer):
     """
 
     name = "transport"
+    mean_preserving = True
 
     def __init__(self, num_streams: int):
         super().__init__(num_streams)
@@ -358,6 +365,7 @@ class GrassmannMixer(Mixer):
     """
 
     name = "grassmann"
+    mean_preserving = True
 
     def __init__(self, num_streams: int, rank: int | None = None):
         super().__init__(num_streams)
