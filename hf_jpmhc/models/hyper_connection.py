@@ -7,12 +7,14 @@ streams run (torch, compiled, Triton) is decided in one place, ``hc_kernels.kern
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from .hc_kernels import StreamRecompute, kernels_for, prepare_kernels
-from .mixers import Mixer, _logit
+from .mixers import Mixer
 from .stream_passes import activate_coefficients, dynamic_coefficients
 
 # The modules that hold a model's hyper-connection parameters (each decoder layer's two sites and the head):
@@ -27,6 +29,12 @@ HOME_STREAM_WEIGHT = 0.5
 def is_hyper_connection_parameter(name: str) -> bool:
     """Whether the parameter ``name`` (as in ``named_parameters``) belongs to a hyper-connection module."""
     return any(part in HYPER_CONNECTION_MODULES for part in name.split(".")[:-1])
+
+
+def clipped_logit(p: float) -> float:
+    """σ⁻¹(p), with p clipped into [1e-4, 1 − 1e-4] so that saturated targets stay finite."""
+    p = min(max(p, 1e-4), 1 - 1e-4)
+    return math.log(p / (1 - p))
 
 
 def expand_streams(hidden: torch.Tensor, num_streams: int) -> torch.Tensor:
@@ -89,7 +97,7 @@ class HyperConnection(nn.Module):
         n = self.num_streams
         # Python floats, not a tensor: from_pretrained builds the model on the meta device, where .tolist() fails.
         pre = [(1 - HOME_STREAM_WEIGHT) / n + HOME_STREAM_WEIGHT * (s == self.home_stream) for s in range(n)]
-        pre_bias = torch.tensor([_logit(p) for p in pre])
+        pre_bias = torch.tensor([clipped_logit(p) for p in pre])
         return torch.cat([pre_bias, torch.zeros(n), self.mixer.init_logits()])
 
     @torch.no_grad()
@@ -143,7 +151,7 @@ class StreamCollapse(nn.Module):
 
     @property
     def initial_bias(self) -> float:
-        return _logit(1 / self.num_streams)
+        return clipped_logit(1 / self.num_streams)
 
     @torch.no_grad()
     def reset_parameters(self) -> None:

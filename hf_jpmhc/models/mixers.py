@@ -41,12 +41,6 @@ def helmert_basis(n: int) -> torch.Tensor:
     return basis
 
 
-def _logit(p: float) -> float:
-    """σ⁻¹(p), with p clipped into [1e-4, 1 − 1e-4] so that saturated targets stay finite."""
-    p = min(max(p, 1e-4), 1 - 1e-4)
-    return math.log(p / (1 - p))
-
-
 # How strongly ``init_logits`` leans towards the identity on mixers that can only approach it.
 IDENTITY_LOGIT = 4.0
 
