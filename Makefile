@@ -49,14 +49,14 @@ demo: setup
 	@echo "logs:       $(DEMO_DIR)/logs/metrics.jsonl   evaluation: $(DEMO_DIR)/eval/results.md"
 
 # What CI runs: the lowest declared versions (a subset), then the whole suite on the newest releases. Each leg
-# prints its versions in pytest's header and checks checkpoints against the other environment.
+# prints its versions under pytest's summary and checks checkpoints against the other environment.
 test: test-lowest test-newest
 
 test-newest: setup setup-lowest
-	HF_JPMHC_OTHER_PYTHON=$(CURDIR)/$(LOWEST_BIN)/python $(BIN)/python -m pytest -q
+	HF_JPMHC_OTHER_PYTHON=$(CURDIR)/$(LOWEST_BIN)/python $(BIN)/python -m pytest -q --durations=15
 
 test-lowest: setup setup-lowest
-	HF_JPMHC_OTHER_PYTHON=$(CURDIR)/$(BIN)/python $(LOWEST_BIN)/python -m pytest -q $(LOWEST_TESTS)
+	HF_JPMHC_OTHER_PYTHON=$(CURDIR)/$(BIN)/python $(LOWEST_BIN)/python -m pytest -q --durations=10 $(LOWEST_TESTS)
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow"

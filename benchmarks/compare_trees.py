@@ -35,9 +35,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("trees", nargs=2, type=Path, help="the two repository trees: before, after")
     parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("script", nargs=argparse.REMAINDER, help="-- benchmark script and its arguments")
-    args = parser.parse_args()
-    script = args.script[1:] if args.script[:1] == ["--"] else args.script
+    argv = sys.argv[1:]
+    if "--" not in argv:
+        parser.error("give the benchmark after --, e.g. -- benchmarks/bench_memory.py")
+    split = argv.index("--")
+    args, script = parser.parse_args(argv[:split]), argv[split + 1 :]
     ratios: dict[Path, dict[str, list[float]]] = {tree: defaultdict(list) for tree in args.trees}
     for index in range(args.runs):
         for tree in args.trees if index % 2 == 0 else reversed(args.trees):
