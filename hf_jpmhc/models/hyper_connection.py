@@ -2,6 +2,13 @@
 
 Notation key: B batch, T tokens, n streams, C hidden size, r the mixer's logit count.
 X ∈ R^{B×T×n×C} are the residual streams; coefficients are always computed in float32.
+
+Mixed precision: the streams keep their own dtype (float32 under ``torch.autocast``, whose embeddings and residual
+sums stay float32; the model's dtype when it is loaded in bf16), the branch output f may be in the autocast dtype,
+and everything here — RMSNorm, the Φ projection, α, b, the activations, the mixer, the collapse, the stream update
+and their backwards — runs with autocast off (``float32_maths``), accumulates in float32 and rounds once to the
+streams' dtype. Autocast would otherwise run every product here (Φ projection, collapse, Hᵀ X, the mixers' matmuls)
+in bf16/fp16, and round the residual streams to it at every site.
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+from transformers.utils.generic import maybe_autocast
 
 from .configuration_hyper_connection import HC_KERNEL_BACKENDS, check_choice
 from .mixers import Mixer, SinkhornMixer, StiefelMixer, _logit, skew_from_logits
@@ -20,6 +28,25 @@ from .mixers import Mixer, SinkhornMixer, StiefelMixer, _logit, skew_from_logits
 # How much of a branch's read weight sits on its home stream at initialisation (symmetry breaking):
 # pre = (1 − ρ)/n · 1 + ρ · e_home, which still sums to 1.
 HOME_STREAM_WEIGHT = 0.5
+
+
+def float32_maths(function):
+    """``function(owner, tensor, ...)`` — a method or an autograd Function's backward — run with ``torch.autocast``
+    off on ``tensor``'s device (SPEC §1: coefficients and mixers in float32; see the module docstring). Decorates
+    each entry into the hyper-connection maths — the read, the write, the collapse head and the backwards of their
+    autograd Functions, which a caller may run inside autocast — so that everything beneath them sees its inputs'
+    own dtypes. Without autocast it costs one flag test (at one token a read is ≈ 18 µs on the compiled path, and
+    ``maybe_autocast`` alone takes ≈ 6); compiled, transformers' ``maybe_autocast`` adds an autocast-off region to
+    the graph only where autocast is on."""
+
+    @functools.wraps(function)
+    def call(owner, tensor: torch.Tensor, *args, **kwargs):
+        if not torch.compiler.is_compiling() and not torch._C._is_any_autocast_enabled():
+            return function(owner, tensor, *args, **kwargs)
+        with maybe_autocast(tensor.device.type, enabled=False):
+            return function(owner, tensor, *args, **kwargs)
+
+    return call
 
 
 def rms_scale(x: torch.Tensor, eps: float) -> torch.Tensor:
@@ -150,16 +177,17 @@ def update_streams(streams: torch.Tensor, mixer: torch.Tensor, post: torch.Tenso
 
 
 def stream_update_grads(streams, mixer, post, branch, grad_out):
-    """The backward of ``update_streams`` per token (each a small batched product):
+    """The backward of ``update_streams`` per token (each a small batched product), in float32 like the forward:
 
     ∂X = H ∂X'      ∂H = X ∂X'ᵀ      ∂post = ∂X' f      ∂f = postᵀ ∂X'
+
+    ∂X and ∂f are returned in the dtypes of X and f (which differ under autocast: f in bf16, X in float32).
     """
-    dtype = streams.dtype
-    grad_out = grad_out.to(dtype)
-    grad_streams = token_matmul(mixer.to(dtype), grad_out)  # (…, n, C)
-    grad_mixer = token_matmul_nt(streams, grad_out).float()  # (…, n, n)
-    grad_post = row_dot(branch, grad_out).float()  # (…, n)
-    grad_branch = token_matmul(post.to(dtype).unsqueeze(-2), grad_out).squeeze(-2)  # (…, C)
+    x, f, grad_out = streams.float(), branch.float(), grad_out.float()
+    grad_streams = token_matmul(mixer.float(), grad_out).to(streams.dtype)  # (…, n, C)
+    grad_mixer = token_matmul_nt(x, grad_out)  # (…, n, n)
+    grad_post = row_dot(f, grad_out)  # (…, n)
+    grad_branch = token_matmul(post.float().unsqueeze(-2), grad_out).squeeze(-2).to(branch.dtype)  # (…, C)
     return grad_streams, grad_mixer, grad_post, grad_branch
 
 
@@ -227,6 +255,7 @@ class HyperConnectionRead(torch.autograd.Function):
         return maybe_compiled(collapse_streams, use_compiled)(dense, pre), post, z_res
 
     @staticmethod
+    @float32_maths
     def backward(ctx, grad_u, grad_post, grad_res):
         streams, phi, scale, pre, post, zlin, rstd = ctx.saved_tensors
         x = streams.contiguous().float()  # (…, n, C); a view for contiguous float32 streams
@@ -277,6 +306,7 @@ class StreamUpdate(torch.autograd.Function):
         return maybe_compiled(update_streams, use_compiled)(streams, mixer, post, branch)
 
     @staticmethod
+    @float32_maths
     def backward(ctx, grad_out):
         streams, mixer, post, branch = ctx.saved_tensors
         grads = maybe_compiled(stream_update_grads, ctx.use_compiled)(streams, mixer, post, branch, grad_out)
@@ -373,6 +403,7 @@ class HyperConnection(nn.Module):
         self.bias.copy_(self.initial_bias())
         self.alpha.fill_(self.alpha_init)
 
+    @float32_maths
     def coefficients(self, streams: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """pre (…, n), post (…, n), H (…, n, n) in float32; static coefficients have no batch axes."""
         ops = _fused_ops(self.kernel_backend, streams)
@@ -406,6 +437,7 @@ class HyperConnection(nn.Module):
         u = collapse_streams(streams, pre) if ops is None else ops.collapse_streams(streams, pre, kernel_backend="triton")
         return u, post, mixer
 
+    @float32_maths
     def read(self, streams: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Branch input u = Σ preᵢ Xᵢ (B, T, C), plus the (post, H) that ``write`` needs.
 
@@ -416,6 +448,7 @@ class HyperConnection(nn.Module):
             return checkpoint(self._read, streams, use_reentrant=False)
         return self._read(streams)
 
+    @float32_maths
     def write(self, streams: torch.Tensor, branch: torch.Tensor, post: torch.Tensor, mixer: torch.Tensor) -> torch.Tensor:
         """X' = Hᵀ X + post ⊗ f."""
         ops = _fused_ops(self.kernel_backend, streams)
@@ -523,6 +556,7 @@ class StreamCollapse(nn.Module):
         """The arguments of ``read_streams`` / ``hc_coefficients`` for this head: one α for every weight."""
         return streams, self.phi, self.alpha.expand(3), self.bias, self.split_sizes, self.pre_eps, self.norm_eps
 
+    @float32_maths
     def forward(self, streams: torch.Tensor) -> torch.Tensor:
         ops = _fused_ops(self.kernel_backend, streams)
         if self.phi is None:  # the fixed mean
