@@ -278,8 +278,9 @@ class RouteProbe:
 
 
 def reset_accelerate_state() -> None:
-    """Accelerate keeps one process-wide state whose mixed precision the first ``Accelerator`` fixes; in-process runs
-    that change it start from, and leave, a reset state (as ``TrainingArguments`` does for every Trainer)."""
+    """Accelerate keeps one process-wide state whose mixed precision the first ``Accelerator`` fixes (a later one asking
+    for another raises); in-process runs that change it start from, and leave, a reset state (``TrainingArguments``
+    resets it before every Trainer, not after)."""
     AcceleratorState._reset_state(reset_partial_state=True)
 
 
@@ -388,7 +389,7 @@ def _trainer_run(tmp_path, bf16: bool) -> tuple[list[float], RouteProbe]:
     return [r["loss"] for r in trainer.state.log_history if "loss" in r], probe
 
 
-def test_transformers_trainer_bf16(tmp_path):
+def test_transformers_trainer_bf16(tmp_path, fresh_accelerate_state):
     float32_losses, _ = _trainer_run(tmp_path / "float32", bf16=False)
     losses, probe = _trainer_run(tmp_path / "bf16", bf16=True)
     probe.assert_mixed_precision(torch.bfloat16)
@@ -415,7 +416,7 @@ def _sft_run(tmp_path, bf16: bool | None) -> tuple[list[float], RouteProbe]:
     return [r["loss"] for r in trainer.state.log_history if "loss" in r], probe
 
 
-def test_trl_sft_trainer_with_lora_bf16(tmp_path):
+def test_trl_sft_trainer_with_lora_bf16(tmp_path, fresh_accelerate_state):
     float32_losses, _ = _sft_run(tmp_path / "float32", bf16=False)
     losses, probe = _sft_run(tmp_path / "bf16", bf16=None)
     probe.assert_mixed_precision(torch.bfloat16)
