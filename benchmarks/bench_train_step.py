@@ -7,12 +7,14 @@ ratios and the ratio of the fastest steps. Target (issue 5): ≤ 1.10×.
 
 JPmHC runs with each ``--backends`` entry: ``torch`` (eager) and ``compiled`` (the CPU training path: the
 hyper-connections' per-token passes compiled by inductor, everything else eager; the warm-up step compiles).
-``--compile`` instead compiles every whole model, Llama included. Like the training scripts, the benchmark first
+``--compile`` instead compiles every whole model, Llama included; ``--autocast bf16`` runs every model's forward
+under ``torch.autocast`` (CPU mixed precision: the branches in bf16, the hyper-connections in float32, master weights
+float32; the backward outside it, as Accelerate and Trainer run it). Like the training scripts, the benchmark first
 has glibc keep freed memory (``hf_jpmhc.ops.cpu.keep_freed_memory``: no page faults on buffers reallocated
 every step), for every model alike; ``--default-malloc`` leaves glibc's defaults.
 
     python benchmarks/bench_train_step.py [--repeats 4] [--mixers stiefel sinkhorn kronecker]
-        [--backends torch compiled] [--compile] [--threads 1] [--default-malloc]
+        [--backends torch compiled] [--compile] [--autocast bf16] [--threads 1] [--default-malloc]
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ LLAMA_SHAPE = dict(vocab_size=4096, hidden_size=512, intermediate_size=1376, num
                    num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=512,
                    pad_token_id=0, bos_token_id=1, eos_token_id=2)  # fmt: skip
 BATCH, SEQ = 8, 256
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def llama() -> LlamaForCausalLM:
@@ -48,8 +51,9 @@ def batch(seed: int = 0) -> torch.Tensor:
     return torch.randint(3, LLAMA_SHAPE["vocab_size"], (BATCH, SEQ), generator=torch.Generator().manual_seed(seed))
 
 
-def train_step_fn(model: torch.nn.Module, compile_model: bool = False):
-    """A closure running one forward + backward + AdamW step on a fixed batch."""
+def train_step_fn(model: torch.nn.Module, compile_model: bool = False, autocast: torch.dtype | None = None):
+    """A closure running one forward (under CPU autocast to ``autocast`` if given) + backward + AdamW step on a fixed
+    batch."""
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     forward = torch.compile(model) if compile_model else model
@@ -57,7 +61,9 @@ def train_step_fn(model: torch.nn.Module, compile_model: bool = False):
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
-        forward(input_ids=ids, labels=ids).loss.backward()
+        with torch.autocast("cpu", dtype=autocast, enabled=autocast is not None):
+            loss = forward(input_ids=ids, labels=ids).loss
+        loss.backward()
         optimizer.step()
 
     return step
@@ -117,15 +123,18 @@ def main() -> None:
     parser.add_argument("--mixers", nargs="+", default=["stiefel", "sinkhorn", "kronecker"])
     parser.add_argument("--backends", nargs="+", default=["torch", "compiled"], help="JPmHC kernel_backend values")
     parser.add_argument("--compile", action="store_true", help="torch.compile every model (same for Llama)")
+    parser.add_argument("--autocast", choices=sorted(AUTOCAST_DTYPES), help="every model's forward under CPU autocast")
     args = parse_process_args(parser)
-    steps = {"llama": train_step_fn(llama(), args.compile)}
+    autocast = AUTOCAST_DTYPES.get(args.autocast)
+    steps = {"llama": train_step_fn(llama(), args.compile, autocast)}
     for mixer in args.mixers:
         for backend in args.backends:
-            steps[f"jpmhc n=4 {mixer} {backend}"] = train_step_fn(jpmhc(mixer, kernel_backend=backend), args.compile)
+            model = jpmhc(mixer, kernel_backend=backend)
+            steps[f"jpmhc n=4 {mixer} {backend}"] = train_step_fn(model, args.compile, autocast)
     n_params = sum(p.numel() for p in llama().parameters())
     times = interleaved_times(steps, args.repeats)
     print_table(f"train step (fwd+bwd+AdamW), {n_params / 1e6:.1f}M-param Llama shape, batch {BATCH}, seq {SEQ}, "
-                f"{args.process}, compile={args.compile}, {args.repeats} interleaved rounds",
+                f"{args.process}, compile={args.compile}, autocast={args.autocast}, {args.repeats} interleaved rounds",
                 times, "llama", target="target: ratio ≤ 1.10×")  # fmt: skip
 
 

@@ -48,7 +48,13 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, GradientAccumulationPlugin, ProjectConfiguration, set_seed
+from accelerate.utils import (
+    DataLoaderConfiguration,
+    GradientAccumulationPlugin,
+    ProjectConfiguration,
+    parse_choice_from_env,
+    set_seed,
+)
 from tqdm.auto import tqdm
 import yaml
 from transformers import HfArgumentParser, get_scheduler
@@ -152,17 +158,25 @@ def build_accelerator(
     *,
     seed: int = 0,
     gradient_accumulation_steps: int = 1,
-    mixed_precision: str = "no",
+    mixed_precision: str | None = None,
 ) -> Accelerator:
     """An ``Accelerator`` with gradient accumulation, a mixed-precision flag, seedable data order and split batches.
 
-    ``mixed_precision`` is "no", "fp16" or "bf16" (autocast; master weights stay float32). The data order
+    ``mixed_precision`` is "no", "fp16" or "bf16" (autocast; master weights stay float32), or None for Accelerate's
+    own setting (``accelerate launch --mixed_precision``, its config file), else "no": an explicit value overrides
+    the launcher's. None is resolved here as Accelerate resolves it, so that the Accelerator always gets an explicit
+    value: Accelerate's state is process-wide, and given None a second Accelerator in the same process would keep
+    whatever precision the first one fixed, where a different explicit value raises. fp16 on CPU is refused:
+    Accelerate enables autocast for it only on accelerators, so it would train in plain float32 (on CPU, bf16 is the
+    mixed precision that autocasts). The data order
     of epoch e is seeded by ``seed + e``; TensorBoard logs go to ``output_dir/logs`` when it is installed.
     On a machine with no accelerator device, ``cpu=True`` lets processes started by ``accelerate launch
     --multi_gpu`` (torchrun) join a gloo process group: Accelerate only forms a CPU group when told ``cpu``;
     and glibc is told to keep freed memory (``hf_jpmhc.ops.cpu.keep_freed_memory``), so that the buffers a
     step reallocates are not page-faulted in again at every step.
     """
+    if mixed_precision is None:  # what `accelerate launch` exports from its flag or config file
+        mixed_precision = parse_choice_from_env("ACCELERATE_MIXED_PRECISION", "no")
     if mixed_precision not in MIXED_PRECISIONS:
         raise ValueError(f"mixed_precision must be one of {MIXED_PRECISIONS}, got {mixed_precision!r}")
     if gradient_accumulation_steps < 1:
@@ -171,7 +185,7 @@ def build_accelerator(
     cpu = not torch.accelerator.is_available()
     if cpu:
         keep_freed_memory()
-    return Accelerator(
+    accelerator = Accelerator(
         cpu=cpu,
         mixed_precision=mixed_precision,
         gradient_accumulation_plugin=GradientAccumulationPlugin(
@@ -181,6 +195,10 @@ def build_accelerator(
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
         log_with="tensorboard" if tensorboard_available() else None,
     )
+    if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
+        raise ValueError("mixed_precision='fp16' does not autocast on CPU (Accelerate would train in float32); "
+                         "use mixed_precision='bf16' on CPU, or fp16 on a GPU")  # fmt: skip
+    return accelerator
 
 
 def tensorboard_available() -> bool:

@@ -102,7 +102,8 @@ class FinetuneVisionConfig(HyperConnectionTrainingConfig):
     warmup_steps: int = 50
     max_steps: int = 600
     max_grad_norm: float = 1.0
-    mixed_precision: str = field(default="no", metadata={"help": "no, fp16 or bf16"})
+    mixed_precision: str | None = field(default=None, metadata={
+        "help": "no, bf16, or fp16 (GPU only); default: accelerate launch's --mixed_precision, else no"})
     seed: int = 0
     # bookkeeping
     log_every: int = 20
@@ -252,7 +253,7 @@ def training_card(config: FinetuneVisionConfig, dataset_name: str, state: TrainS
         f"clip {config.max_grad_norm}",
         "schedule": f"{config.lr_scheduler}, peak lr {config.learning_rate}, {config.warmup_steps} warmup steps",
         "steps / images": f"{state.step:,} / {state.items:,}",
-        "processes / precision": f"{accelerator.num_processes} × {accelerator.device.type} / {config.mixed_precision}",
+        "processes / precision": f"{accelerator.num_processes} × {accelerator.device.type} / {accelerator.mixed_precision}",
         "seed": config.seed,
         "wall time": f"{seconds / 60:.1f} min",
     }

@@ -97,7 +97,8 @@ class PretrainConfig(HyperConnectionTrainingConfig):
     warmup_steps: int = 20
     max_steps: int = 300
     max_grad_norm: float = 1.0
-    mixed_precision: str = field(default="no", metadata={"help": "no, fp16 or bf16"})
+    mixed_precision: str | None = field(default=None, metadata={
+        "help": "no, bf16, or fp16 (GPU only); default: accelerate launch's --mixed_precision, else no"})
     seed: int = 0
     # bookkeeping
     log_every: int = 10
@@ -253,7 +254,7 @@ def training_card(config: PretrainConfig, state: TrainState, accelerator, n_trai
         f"clip {config.max_grad_norm}",
         "schedule": f"{config.lr_scheduler}, peak lr {config.learning_rate}, {config.warmup_steps} warmup steps",
         "steps / tokens": f"{state.step:,} / {state.items:,}",
-        "processes / precision": f"{accelerator.num_processes} × {accelerator.device.type} / {config.mixed_precision}",
+        "processes / precision": f"{accelerator.num_processes} × {accelerator.device.type} / {accelerator.mixed_precision}",
         "seed": config.seed,
         "wall time": f"{seconds / 60:.1f} min",
     }

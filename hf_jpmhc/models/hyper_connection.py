@@ -1,8 +1,9 @@
 """The n-stream residual: expand, one hyper-connection per branch, collapse (SPEC §1, §3).
 
 Notation key: B batch, T tokens, n streams, C hidden size, r the mixer's logit count.
-X ∈ R^{B×T×n×C} are the residual streams; coefficients are always computed in float32. How the passes over the
-streams run (torch, compiled, Triton) is decided in one place, ``hc_kernels.kernels_for``.
+X ∈ R^{B×T×n×C} are the residual streams; coefficients are always computed in float32, also under autocast
+(``stream_passes.float32_maths``). How the passes over the streams run (torch, compiled, Triton) is decided in one
+place, ``hc_kernels.kernels_for``.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 
 from .hc_kernels import StreamRecompute, kernels_for, prepare_kernels
 from .mixers import Mixer
-from .stream_passes import activate_coefficients, dynamic_coefficients
+from .stream_passes import activate_coefficients, dynamic_coefficients, float32_maths
 
 # The modules that hold a model's hyper-connection parameters (each decoder layer's two sites and the head):
 # kept in float32, new after a conversion, trained beside LoRA adapters.
@@ -107,14 +108,17 @@ class HyperConnection(nn.Module):
         self.bias.copy_(self.initial_bias())
         self.alpha.fill_(self.alpha_init)
 
+    @float32_maths
     def read(self, streams: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Branch input u = Σ preᵢ Xᵢ (B, T, C), plus the (post, H) that ``write`` needs."""
         return kernels_for(self.kernel_backend, streams).read(self, streams)
 
+    @float32_maths
     def write(self, streams: torch.Tensor, branch: torch.Tensor, post: torch.Tensor, mixer: torch.Tensor) -> torch.Tensor:
         """X' = Hᵀ X + post ⊗ f."""
         return kernels_for(self.kernel_backend, streams).write(self, streams, branch, post, mixer)
 
+    @float32_maths
     def coefficients(self, streams: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """pre (…, n), post (…, n), H (…, n, n) in float32, by the torch code (for diagnostics; the model reads
         through ``read``); static coefficients have no batch axes."""
@@ -160,6 +164,7 @@ class StreamCollapse(nn.Module):
             self.bias.fill_(self.initial_bias)
             self.alpha.fill_(self.alpha_init)
 
+    @float32_maths
     def forward(self, streams: torch.Tensor) -> torch.Tensor:
         return kernels_for(self.kernel_backend, streams).collapse(self, streams)
 

@@ -7,16 +7,42 @@ dtype; results that are stream-shaped return in the streams' dtype.
 
     z = α_seg · RMSNorm(x) Φᵀ + b        pre = σ(z_pre) + eps, post = 2σ(z_post), θ = z_res
     u = Σᵢ preᵢ Xᵢ                        X' = Hᵀ X + post ⊗ f
+
+Mixed precision: under ``torch.autocast`` the streams stay float32 (autocast leaves the embeddings and residual sums
+in float32; they are the model's dtype when it is loaded in bf16) and the branch output f comes in the autocast
+dtype. Everything here, and the mixers, runs with autocast off (``float32_maths``), so that the Φ projection, Hᵀ X,
+the collapse and the mixers' products stay float32 instead of dropping to bf16/fp16 and rounding the streams at
+every site.
 """
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
+from transformers.utils.generic import maybe_autocast
 
 # Below this many tokens (decoding) a pass is a few tiny ops where per-call overhead is the cost: the projection
 # takes F.linear here and reads Φ as it lies in hf_jpmhc's C++ kernels (packing Φ costs ≈ 6 tokens' products).
 FEW_TOKENS = 8
+
+
+def float32_maths(function):
+    """``function(owner, tensor, ...)`` run with ``torch.autocast`` off on ``tensor``'s device (SPEC §1: coefficients
+    and mixers in float32). Decorates every entry into the hyper-connection maths: ``HyperConnection.read/write``,
+    the collapse head, and the backwards of the autograd Functions below (which a caller may run inside autocast).
+    Outside autocast it costs one flag test (≈ 1 µs; a decoding read is ≈ 18 µs on the compiled path); traced by
+    ``torch.compile``, ``maybe_autocast`` adds an autocast-off region only where autocast is on."""
+
+    @functools.wraps(function)
+    def call(owner, tensor: torch.Tensor, *args, **kwargs):
+        if not torch.compiler.is_compiling() and not torch._C._is_any_autocast_enabled():
+            return function(owner, tensor, *args, **kwargs)
+        with maybe_autocast(tensor.device.type, enabled=False):
+            return function(owner, tensor, *args, **kwargs)
+
+    return call
 
 
 def segment_index(split_sizes: tuple[int, int, int]) -> torch.Tensor:
@@ -195,6 +221,7 @@ class HyperConnectionRead(torch.autograd.Function):
         return passes.collapse_streams(dense, pre), post, z_res
 
     @staticmethod
+    @float32_maths
     def backward(ctx, grad_u, grad_post, grad_res):
         streams, phi, scale, pre, post, zlin, rstd = ctx.saved_tensors
         x = streams.contiguous().float()  # (…, n, C); a view for contiguous float32 streams
@@ -218,6 +245,7 @@ class StreamUpdate(torch.autograd.Function):
         return passes.update_streams(streams, mixer, post, branch)
 
     @staticmethod
+    @float32_maths
     def backward(ctx, grad_out):
         streams, mixer, post, branch = ctx.saved_tensors
         grad_streams, grad_mixer, grad_post, grad_branch = ctx.passes.stream_update_grads(
