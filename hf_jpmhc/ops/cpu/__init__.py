@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import hashlib
 import os
 import platform
 import warnings
@@ -86,11 +87,18 @@ def load():
     _LOAD_TRIED = True
     from torch.utils.cpp_extension import load as build_and_load
 
+    source = os.path.join(os.path.dirname(__file__), "kernels.cpp")
+    cflags = ["-O3", "-march=native", "-fopenmp", *build_flags()]  # OpenMP: at::parallel_for, omp simd
+    # One build directory per source and flags: torch versions a name's builds in one directory, so two installs
+    # of hf_jpmhc (two venvs, two checkouts) sharing TORCH_EXTENSIONS_DIR would rebuild it in turn and could load
+    # each other's library between a build and a load.
+    with open(source, "rb") as file:
+        digest = hashlib.sha256(file.read() + " ".join(cflags).encode()).hexdigest()[:12]
     try:
         build_and_load(
-            name="hf_jpmhc_cpu",
-            sources=[os.path.join(os.path.dirname(__file__), "kernels.cpp")],
-            extra_cflags=["-O3", "-march=native", "-fopenmp", *build_flags()],  # OpenMP: at::parallel_for, omp simd
+            name=f"hf_jpmhc_cpu_{digest}",
+            sources=[source],
+            extra_cflags=cflags,
             extra_ldflags=["-fopenmp"],
             is_python_module=False,  # the ops register themselves (TORCH_LIBRARY)
         )
