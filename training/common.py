@@ -47,7 +47,14 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, GradientAccumulationPlugin, ProjectConfiguration, set_seed
+from accelerate.utils import (
+    DataLoaderConfiguration,
+    GradientAccumulationPlugin,
+    ProjectConfiguration,
+    compare_versions,
+    parse_flag_from_env,
+    set_seed,
+)
 from tqdm.auto import tqdm
 import yaml
 from transformers import HfArgumentParser, get_scheduler
@@ -56,6 +63,10 @@ from hf_jpmhc.ops.cpu import keep_freed_memory
 from hf_jpmhc.outputs import STAGING_PREFIX, atomic_write_text, ordinary_permissions, staged_directory
 
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
+# The first accelerate whose FSDP2 trains these models correctly (tests/test_fsdp.py): 1.10–1.12 load a sharded
+# optimizer checkpoint into an empty state dict (a resumed run restarts AdamW's moments), and before 1.10 the
+# optimizer is remapped by data_ptr(), which is 0 for every parameter sharded before `prepare` (float32_units).
+FSDP_MIN_ACCELERATE = "1.13"
 CHECKPOINT_PREFIX = "checkpoint-"
 
 LossFn = Callable[[torch.nn.Module, dict], tuple[torch.Tensor, int]]  # (model, batch) → (mean loss, items in batch)
@@ -111,22 +122,25 @@ def build_accelerator(
 ) -> Accelerator:
     """An ``Accelerator`` with gradient accumulation, a mixed-precision flag, seedable data order and split batches.
 
-    ``mixed_precision`` is "no", "fp16" or "bf16" (autocast; master weights stay float32). The data order
+    ``mixed_precision`` is "no", "fp16" or "bf16" (autocast, or under FSDP2 the cast of its ``MixedPrecisionPolicy``;
+    master weights stay float32). The data order
     of epoch e is seeded by ``seed + e``; TensorBoard logs go to ``output_dir/logs`` when it is installed.
     On a machine with no accelerator device, ``cpu=True`` lets processes started by ``accelerate launch
     --multi_gpu`` (torchrun) join a gloo process group: Accelerate only forms a CPU group when told ``cpu``;
-    and glibc is told to keep freed memory (``hf_jpmhc.ops.cpu.keep_freed_memory``), so that the buffers a
-    step reallocates are not page-faulted in again at every step.
+    a launch with an FSDP config (``training/configs/fsdp_cpu.yaml``) then shards with FSDP2 on CPU
+    (``enable_fsdp_on_cpu``); and glibc is told to keep freed memory (``hf_jpmhc.ops.cpu.keep_freed_memory``), so
+    that the buffers a step reallocates are not page-faulted in again at every step.
     """
     if mixed_precision not in MIXED_PRECISIONS:
         raise ValueError(f"mixed_precision must be one of {MIXED_PRECISIONS}, got {mixed_precision!r}")
     if gradient_accumulation_steps < 1:
         raise ValueError(f"gradient_accumulation_steps must be >= 1, got {gradient_accumulation_steps}")
+    check_fsdp_launch()
     output_dir = Path(output_dir)
     cpu = not torch.accelerator.is_available()
     if cpu:
         keep_freed_memory()
-    return Accelerator(
+    accelerator = Accelerator(
         cpu=cpu,
         mixed_precision=mixed_precision,
         gradient_accumulation_plugin=GradientAccumulationPlugin(
@@ -136,6 +150,108 @@ def build_accelerator(
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
         log_with="tensorboard" if tensorboard_available() else None,
     )
+    if cpu and fsdp_launched():
+        enable_fsdp_on_cpu(accelerator)
+    return accelerator
+
+
+def fsdp_launched() -> bool:
+    """Whether ``accelerate launch`` was given an FSDP config (its launcher sets ``ACCELERATE_USE_FSDP``)."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+
+
+def check_fsdp_launch() -> None:
+    """ValueError unless an FSDP launch is one these scripts train correctly: accelerate >= ``FSDP_MIN_ACCELERATE``,
+    FSDP2 (FSDP1 would cast the float32 hyper-connections to bf16), no ``fsdp_cpu_ram_efficient_loading`` (see
+    ``float32_units``)."""
+    if not fsdp_launched():
+        return
+    if compare_versions("accelerate", "<", FSDP_MIN_ACCELERATE):
+        raise ValueError(f"FSDP needs accelerate >= {FSDP_MIN_ACCELERATE} (older versions resume FSDP2 with fresh "
+                         "optimizer moments): pip install -U accelerate")  # fmt: skip
+    if os.environ.get("FSDP_VERSION", "1") != "2":
+        raise ValueError("the accelerate config selects FSDP version 1; training/ shards with FSDP2 only: set "
+                         "fsdp_version: 2 in its fsdp_config")  # fmt: skip
+    if parse_flag_from_env("FSDP_CPU_RAM_EFFICIENT_LOADING"):
+        raise ValueError("the accelerate config sets fsdp_cpu_ram_efficient_loading (true unless set); set it to "
+                         "false: every process builds the model, and its float32 units are sharded before "
+                         "Accelerate's")  # fmt: skip
+
+
+def enable_fsdp_on_cpu(accelerator: Accelerator) -> None:
+    """Make ``accelerator`` shard with FSDP on a CPU (gloo) process group, as it does on GPUs.
+
+    Accelerate forms an FSDP state only on accelerator devices: ``AcceleratorState`` sets ``DistributedType.FSDP``
+    and keeps the plugin it built from the launcher's ``FSDP_*`` variables in its multi-GPU branch, and drops
+    them for ``cpu=True`` — an FSDP launch on CPU would silently train with DDP. torch's FSDP2 (``fully_shard``)
+    runs on CPU over gloo, so this sets what that branch sets: the plugin, with the mixed-precision policy, and
+    the distributed type of ``AcceleratorState`` and ``PartialState`` (the latter is copied into every new
+    ``AcceleratorState()``). Everything else — sharding, sharded checkpoints, the gathered state dict — is
+    Accelerate's FSDP2 code, unchanged.
+    """
+    from accelerate import PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    plugin = FullyShardedDataParallelPlugin()  # from the launcher's FSDP_* environment
+    if accelerator.mixed_precision != "no":
+        plugin.set_mixed_precision(accelerator.mixed_precision)
+    accelerator.state.fsdp_plugin = plugin
+    accelerator.state.distributed_type = PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+
+
+def prepare_fsdp_units(accelerator: Accelerator, model: torch.nn.Module) -> torch.nn.Module:
+    """Under FSDP2, the FSDP units Accelerate's wrapping would get wrong for these models; a no-op otherwise. Call it
+    before the optimizer is built (it replaces the float32 modules' parameters by their shards).
+
+    Accelerate wraps every class of ``_no_split_modules`` present in the model (``TRANSFORMER_BASED_WRAP``), then the
+    input embedding and, as the "tail", the final norm and the output embedding, then the model.
+
+    * ``float32_units``: the modules kept in float32 get their own units that never cast their parameters.
+    * ``layer_classes_without_the_input_embedding``: a class holding the input embedding (ViT's ``ViTEmbeddings``)
+      is left out of the layer classes; Accelerate (1.16) would wrap it and then wrap the embedding inside it again,
+      which ``fully_shard`` refuses — any ViT, ours or transformers', fails so. The embedding gets its own unit;
+      the rest of that module (CLS token, position embeddings) stays with the model's.
+    """
+    if not getattr(accelerator, "is_fsdp2", False):  # (absent before accelerate 1.6)
+        return model
+    plugin = accelerator.state.fsdp_plugin
+    if plugin.transformer_cls_names_to_wrap is None:  # not chosen in the config: Accelerate's default, corrected
+        plugin.transformer_cls_names_to_wrap = layer_classes_without_the_input_embedding(model)
+    float32_units(model, plugin)
+    return model
+
+
+def layer_classes_without_the_input_embedding(model: torch.nn.Module) -> list[str]:
+    """The model's ``_no_split_modules`` classes that it contains, except those containing its input embedding."""
+    embedding = model.get_input_embeddings()
+    found = {type(m).__name__: m for m in model.modules()}
+    return [name for name in model._no_split_modules or ()
+            if name in found and not any(m is embedding for m in found[name].modules())]  # fmt: skip
+
+
+def float32_units(model: torch.nn.Module, plugin) -> None:
+    """Give each module ``model`` keeps in float32 its own FSDP2 unit with the default policy (no casting).
+
+    ``_keep_in_fp32_modules_strict`` names the modules transformers loads in float32 whatever the ``dtype`` (for
+    JPmHC: the hyper-connections and the stream collapse, SPEC §1). Accelerate wraps each decoder layer in one FSDP
+    unit whose ``MixedPrecisionPolicy`` casts every parameter it gathers to ``param_dtype`` (bf16) — the
+    hyper-connections' too. Wrapped first, they form units whose float32 parameters are gathered, used and their
+    gradients reduced in float32, and whose inputs are left in the caller's dtype; Accelerate's wrapping then skips
+    them, and the layer's unit holds the rest. A hyper-connection is called through ``read`` and ``write``, not
+    ``forward``: those are registered as its FSDP forward methods.
+
+    This is why ``fsdp_cpu_ram_efficient_loading`` must be off: Accelerate would then move the model to the meta
+    device and broadcast full tensors from process 0, which units sharded here are not.
+    """
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+
+    keep = set(getattr(model, "_keep_in_fp32_modules_strict", None) or ())
+    for name, module in model.named_modules():
+        if name.rpartition(".")[2] in keep:
+            fully_shard(module, reshard_after_forward=plugin.reshard_after_forward, offload_policy=plugin.cpu_offload)
+            for method in ("read", "write"):
+                if hasattr(module, method):
+                    register_fsdp_forward_method(module, method)
 
 
 def tensorboard_available() -> bool:
@@ -448,11 +564,31 @@ def save_final_model(accelerator: Accelerator, model: torch.nn.Module, directory
     state_dict = accelerator.get_state_dict(model)
     if accelerator.is_main_process:
         with staged_directory(directory, overwrite=True) as staging:
-            unwrapped = accelerator.unwrap_model(model)
-            unwrapped.save_pretrained(staging, state_dict=state_dict)
+            saved = model_to_save(accelerator.unwrap_model(model))
+            saved.save_pretrained(staging, state_dict=state_dict)
             if preprocessor is not None:
                 preprocessor.save_pretrained(staging)
-            if isinstance(unwrapped.config, HyperConnectionConfig):  # the card template describes JPmHC checkpoints
-                build_model_card(unwrapped, **card_kwargs).save(staging / "README.md")
+            if isinstance(saved.config, HyperConnectionConfig):  # the card template describes JPmHC checkpoints
+                build_model_card(saved, **card_kwargs).save(staging / "README.md")
     accelerator.wait_for_everyone()
     return Path(directory)
+
+
+def model_to_save(model: torch.nn.Module) -> torch.nn.Module:
+    """``model``, or under FSDP2 a weightless (meta-device) instance of its own class with its config and
+    generation config — what ``save_pretrained(state_dict=...)`` and the model card need.
+
+    ``fully_shard`` changes a module's class to a subclass ``FSDP<Class>`` defined in torch: ``save_pretrained`` of
+    a remote-code model would copy torch's ``_fsdp_*.py`` files as the checkpoint's code and point ``auto_map`` at
+    ``_fsdp_init.FSDPJPmHCForCausalLM``, and the card would name that class.
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    if not isinstance(model, FSDPModule):
+        return model
+    own_class = next(c for c in type(model).__mro__ if not issubclass(c, FSDPModule))
+    with torch.device("meta"):
+        plain = own_class(model.config)
+    if getattr(model, "generation_config", None) is not None:
+        plain.generation_config = model.generation_config
+    return plain
