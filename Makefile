@@ -13,7 +13,9 @@ DEMO_TASKS ?= arc_easy,arc_challenge,drop
 LOWEST_TESTS ?= tests/test_modeling.py tests/test_config.py tests/test_convert_llama.py tests/test_vit.py \
 	tests/test_remote_code.py tests/test_deepseek_v4.py tests/test_peft.py tests/test_cross_version.py
 
-.PHONY: setup setup-lowest demo test test-newest test-lowest test-fast bench compare-mixers vision-experiment
+STUDY_DIR ?= runs/study
+
+.PHONY: setup setup-lowest demo test test-newest test-lowest test-fast bench study
 
 # The newest releases pip resolves today (as a new user gets them).
 $(BIN)/.installed: pyproject.toml Makefile
@@ -47,14 +49,14 @@ demo: setup
 	@echo "logs:       $(DEMO_DIR)/logs/metrics.jsonl   evaluation: $(DEMO_DIR)/eval/results.md"
 
 # What CI runs: the lowest declared versions (a subset), then the whole suite on the newest releases. Each leg
-# prints its versions in pytest's header and checks checkpoints against the other environment.
+# prints its versions under pytest's summary and checks checkpoints against the other environment.
 test: test-lowest test-newest
 
 test-newest: setup setup-lowest
-	HF_JPMHC_OTHER_PYTHON=$(CURDIR)/$(LOWEST_BIN)/python $(BIN)/python -m pytest -q
+	HF_JPMHC_OTHER_PYTHON=$(CURDIR)/$(LOWEST_BIN)/python $(BIN)/python -m pytest -q --durations=15
 
 test-lowest: setup setup-lowest
-	HF_JPMHC_OTHER_PYTHON=$(CURDIR)/$(BIN)/python $(LOWEST_BIN)/python -m pytest -q $(LOWEST_TESTS)
+	HF_JPMHC_OTHER_PYTHON=$(CURDIR)/$(BIN)/python $(LOWEST_BIN)/python -m pytest -q --durations=10 $(LOWEST_TESTS)
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow"
@@ -69,8 +71,12 @@ bench: setup
 	$(BIN)/python benchmarks/bench_stream_update.py
 	$(BIN)/python benchmarks/bench_generate.py --threads 1
 
-compare-mixers: setup
-	$(BIN)/python training/compare_mixers.py --output_dir runs/compare_mixers
-
-vision-experiment: setup
-	$(BIN)/python training/vision_experiment.py --output_dir runs/vision_experiment
+# The three residual-mixer studies of docs/mixer_study.md, one after another, one thread each (about 7 CPU-hours);
+# resumable: after an interruption run it again. Results and figures go to $(STUDY_DIR) and docs/. The vision study
+# needs Debian's dataset-fashion-mnist (installed here when missing: needs root).
+study: setup
+	$(BIN)/python -c "from hf_jpmhc.data.images import fashion_mnist_available as ok; raise SystemExit(not ok())" \
+		|| apt-get install -y dataset-fashion-mnist || sudo apt-get install -y dataset-fashion-mnist
+	$(BIN)/python training/study.py run training/configs/studies/mixers.yaml --output_dir $(STUDY_DIR)/mixers --docs docs
+	$(BIN)/python training/study.py run training/configs/studies/depth.yaml --output_dir $(STUDY_DIR)/depth --docs docs
+	$(BIN)/python training/study.py run training/configs/studies/vision.yaml --output_dir $(STUDY_DIR)/vision --docs docs

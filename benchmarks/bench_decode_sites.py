@@ -19,7 +19,7 @@ import time
 import torch
 from transformers import DynamicCache
 
-import hf_jpmhc.models.hyper_connection as hc
+import hf_jpmhc.models.stream_passes as hc
 from bench_train_step import interleaved_times, jpmhc, llama
 
 
@@ -82,7 +82,7 @@ def main() -> None:
         "coefficients": (hc, "dynamic_coefficients", coefficients, 0),
         "mixer": (type(site.mixer), "forward", mixer, 1),
         "collapse": (hc, "collapse_streams", u, 0),
-        "stream update": (hc, "update_streams", updated, 0),
+        "stream update": (hc.StreamPasses, "update_streams", updated, 0),
     }
     calls = {name: [0] for name in parts}
 

@@ -23,6 +23,8 @@ import argparse
 import torch
 from transformers import CompileConfig
 
+from hf_jpmhc.models.hyper_connection import is_hyper_connection_parameter
+
 from bench_train_step import interleaved_times, jpmhc, llama, parse_process_args, print_table
 
 
@@ -30,7 +32,7 @@ def perturb(model: torch.nn.Module) -> torch.nn.Module:
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, parameter in model.named_parameters():
-            if "_hc." in name or "stream_collapse." in name:
+            if is_hyper_connection_parameter(name):
                 scale = 0.02 if parameter.ndim == 2 else 0.3
                 parameter.add_(torch.randn(parameter.shape, generator=generator) * scale)
     return model

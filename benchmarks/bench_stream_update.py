@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from hf_jpmhc.models.hyper_connection import update_streams
+from hf_jpmhc.models.stream_passes import update_streams
 from hf_jpmhc.ops import cpu
 
 B, T, N, C = 8, 256, 4, 512  # one site of benchmark 1's model
@@ -34,12 +34,12 @@ def main() -> None:
     moved = 4 * (streams.numel() * 2 + branch.numel() + mixer.numel() + post.numel())
     src = torch.randn(moved // 8)  # copy_: reads and writes moved / 2 bytes
     dst = torch.empty_like(src)
-    if cpu.update_streams(streams, mixer, post, branch) is None:  # else the row would time a no-op
+    if cpu.NativePasses.update_streams(streams, mixer, post, branch) is None:  # else the row would time a no-op
         raise SystemExit("hf_jpmhc's C++ CPU kernels did not build (see the warning above)")
     calls = {
         "tensor copy (same bytes)": lambda: dst.copy_(src),
         "update_streams (eager)": lambda: update_streams(streams, mixer, post, branch),
-        "C++ loop (kernel_backend=compiled)": lambda: cpu.update_streams(streams, mixer, post, branch),
+        "C++ loop (kernel_backend=compiled)": lambda: cpu.NativePasses.update_streams(streams, mixer, post, branch),
     }
     if not args.no_compile:
         compiled = torch.compile(update_streams, fullgraph=True)

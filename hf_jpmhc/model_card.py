@@ -7,6 +7,8 @@ from pathlib import Path
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from .models.hyper_connection import is_hyper_connection_parameter
+
 MIXER_DESCRIPTIONS = {
     "identity": "H = I, a plain residual",
     "unconstrained": "unconstrained H, Hyper-Connections arXiv 2409.19606",
@@ -35,7 +37,7 @@ def build_model_card(
     """A filled ``ModelCard`` for ``model``; ``training``/``evaluation`` are markdown sections."""
     config = model.config
     architecture = type(model).__name__
-    hc_parameters = sum(p.numel() for name, p in model.named_parameters() if "_hc." in name or "stream_collapse" in name)
+    hc_parameters = sum(p.numel() for name, p in model.named_parameters() if is_hyper_connection_parameter(name))
     options = {k: v for k, v in config.mixer_options.items() if _option_applies(config.mixer, k)}
     card_data = ModelCardData(
         library_name="transformers",

@@ -199,7 +199,7 @@ def test_compiled_sinkhorn_polish_stops_where_eager_does(scale):
     Both equal eager mode, which tests after every fourth round and any step, to float64 rounding, and are
     doubly stochastic to it. Compiled with dynamic=True, where dynamo makes floats read from defaults or
     globals symbolic and torch.cond rejects them."""
-    from hf_jpmhc.models.mixers import NEWTON_BASIN, NEWTON_CHECKPOINT, sinkhorn_iterate
+    from hf_jpmhc.models.sinkhorn import NEWTON_BASIN, NEWTON_CHECKPOINT, sinkhorn_iterate
 
     generator = torch.Generator().manual_seed(0)
     theta = 4 * torch.eye(4, dtype=torch.float64) + scale * torch.randn(64, 4, 4, generator=generator, dtype=torch.float64)
@@ -327,3 +327,13 @@ def test_orientation_with_non_symmetric_mixer(name):
             for t in range(n):
                 expected = sum(mix[b, i, s, t] * streams[b, i, s] for s in range(n)) + post[b, i, t] * branch[b, i]
                 torch.testing.assert_close(out[b, i, t], expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", sorted(MIXERS))
+def test_mean_preserving_is_declared_exactly_where_the_columns_sum_to_one(name):
+    """``Mixer.mean_preserving`` (Hᵀ1 = 1 for every θ, relied on by the degeneration check of the dynamics
+    monitor) agrees with H itself at random logits."""
+    mixer = build_mixer(name, 4)
+    h = mixer(torch.randn(64, mixer.num_logits, dtype=torch.float64) * 2)
+    columns_sum_to_one = bool(torch.allclose(h.sum(-2), torch.ones(64, 4, dtype=torch.float64), atol=1e-6))
+    assert mixer.mean_preserving == columns_sum_to_one

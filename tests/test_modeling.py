@@ -15,15 +15,12 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 import hf_jpmhc  # noqa: F401  (registers the Auto classes)
 from hf_jpmhc import JPmHCConfig, JPmHCForCausalLM, JPmHCForSequenceClassification
 from hf_jpmhc.models import hyper_connection
+from hf_jpmhc.models.hyper_connection import is_hyper_connection_parameter
 from hf_jpmhc.models.mixers import MIXERS
 from tests.conftest import tiny_llama_kwargs
 
 NUM_STREAMS = 4  # valid for every mixer (kronecker needs a power of 2, permutation n ≤ 6)
 ALL_MIXERS = [pytest.param(name, id=name) for name in MIXERS]
-
-
-def is_hyper_connection_parameter(name: str) -> bool:
-    return "_hc." in name or name.startswith("model.stream_collapse.") or ".stream_collapse." in name
 
 
 def tiny_config(mixer: str, **overrides) -> JPmHCConfig:

@@ -1,8 +1,9 @@
-"""Every Triton kernel of hf_jpmhc.ops against its torch reference: outputs and gradients over a shape table.
+"""Every op of hf_jpmhc.ops — its Triton kernel and the models' torch code — against the standalone reference in
+``ops/<op>/naive.py``: outputs and gradients over a shape table.
 
-Runs on CPU under TRITON_INTERPRET=1 (set by tests/conftest.py); skipped only where triton cannot be imported,
-and failed instead under CI=true.
-Shapes: n ∈ {2, 4, 8}, C not a power of two, token counts that are not multiples of any block size.
+Triton runs on CPU under TRITON_INTERPRET=1 (set by tests/conftest.py); its cases are skipped only where triton
+cannot be imported, and failed instead under CI=true. Shapes: n ∈ {2, 4, 8}, C not a power of two, token counts
+that are not multiples of any block size.
 """
 
 from __future__ import annotations
@@ -11,10 +12,14 @@ import pytest
 import torch
 
 from hf_jpmhc import ops
-from hf_jpmhc.models.mixers import skew_basis, skew_from_logits
+from hf_jpmhc.models.cayley import skew_basis, skew_from_logits
+from hf_jpmhc.ops.cayley.naive import cayley_reference
+from hf_jpmhc.ops.coefficients.naive import hc_coefficients_reference
+from hf_jpmhc.ops.collapse.naive import collapse_streams_reference
+from hf_jpmhc.ops.sinkhorn.naive import sinkhorn_reference
+from hf_jpmhc.ops.stream_update.naive import update_streams_reference
 
-pytestmark = pytest.mark.triton  # skipped where triton cannot be imported, failed instead under CI=true (conftest)
-
+BACKENDS = [pytest.param("triton", marks=pytest.mark.triton), "torch"]
 # (lead shape (B, T), n, C): C = 300 crosses several C blocks and the K loop; 7, 9, 10 rows are ragged blocks.
 SHAPES = [((2, 5), 2, 24), ((1, 7), 4, 300), ((3, 3), 8, 20)]
 SHAPE_IDS = [f"B{b}T{t}-n{n}-C{c}" for (b, t), n, c in SHAPES]
@@ -33,9 +38,9 @@ def _grads(fn, *inputs, upcast: bool = False):
     return outs, [x.grad for x in inputs]
 
 
-def _assert_same(fused, reference, dtype=torch.float32):
+def _assert_same(fused, reference, dtype=torch.float32, tolerances=None):
     """Outputs and gradients agree within the dtype's tolerance, scaled by the reference's magnitude."""
-    atol, rtol = TOLERANCES[dtype]
+    atol, rtol = tolerances or TOLERANCES[dtype]
     (f_outs, f_grads), (r_outs, r_grads) = fused, reference
     for got, want in zip(f_outs + tuple(f_grads), r_outs + tuple(r_grads), strict=True):
         assert got.dtype == want.dtype or dtype != torch.float32
@@ -43,53 +48,54 @@ def _assert_same(fused, reference, dtype=torch.float32):
         torch.testing.assert_close(got.float(), want.float(), atol=atol * scale, rtol=rtol)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize(("lead", "n", "c"), SHAPES, ids=SHAPE_IDS)
-def test_collapse_matches_reference(lead, n, c, dtype):
+def test_collapse_matches_reference(lead, n, c, dtype, backend):
     streams, weights = torch.randn(*lead, n, c).to(dtype), torch.rand(*lead, n)
-    run = lambda backend, up=False: _grads(lambda x, w: ops.collapse_streams(x, w, kernel_backend=backend),  # noqa: E731
-                                           streams, weights, upcast=up)  # fmt: skip
-    _assert_same(run("triton"), run("torch", up=True), dtype)
+    fused = _grads(lambda x, w: ops.collapse_streams(x, w, kernel_backend=backend), streams, weights)
+    _assert_same(fused, _grads(collapse_streams_reference, streams, weights, upcast=True), dtype)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize(("lead", "n", "c"), SHAPES, ids=SHAPE_IDS)
-def test_stream_update_matches_reference(lead, n, c, dtype):
+def test_stream_update_matches_reference(lead, n, c, dtype, backend):
     streams, branch = torch.randn(*lead, n, c).to(dtype), torch.randn(*lead, c).to(dtype)
     mixer, post = torch.randn(*lead, n, n), torch.rand(*lead, n) * 2  # non-symmetric H: checks the orientation
-
-    def run(backend, up=False):
-        return _grads(lambda x, h, p, f: ops.update_streams(x, h, p, f, kernel_backend=backend),
-                      streams, mixer, post, branch, upcast=up)  # fmt: skip
-
-    _assert_same(run("triton"), run("torch", up=True), dtype)
+    inputs = (streams, mixer, post, branch)
+    fused = _grads(lambda x, h, p, f: ops.update_streams(x, h, p, f, kernel_backend=backend), *inputs)
+    _assert_same(fused, _grads(update_streams_reference, *inputs, upcast=True), dtype)
 
 
-def test_stream_update_orientation():
-    """X'_t = Σ_s H[s, t] X_s: with a permutation-like H the fused kernel moves stream 0 into stream 1."""
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_stream_update_orientation(backend):
+    """X'_t = Σ_s H[s, t] X_s: with a permutation-like H the update moves stream 0 into stream 1."""
     streams = torch.randn(1, 1, 2, 3)
     mixer = torch.tensor([[0.0, 1.0], [0.0, 0.0]])  # H[0, 1] = 1
-    out = ops.update_streams(streams, mixer, torch.zeros(2), torch.zeros(1, 1, 3), kernel_backend="triton")
+    out = ops.update_streams(streams, mixer, torch.zeros(2), torch.zeros(1, 1, 3), kernel_backend=backend)
     torch.testing.assert_close(out[0, 0, 1], streams[0, 0, 0])
     torch.testing.assert_close(out[0, 0, 0], torch.zeros(3))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize(("lead", "n", "c"), SHAPES, ids=SHAPE_IDS)
-def test_coefficients_match_reference(lead, n, c, dtype):
+def test_coefficients_match_reference(lead, n, c, dtype, backend):
     r = n * n
     split = (n, n, r)
     streams = torch.randn(*lead, n, c).to(dtype)
     phi, alpha, bias = torch.randn(2 * n + r, n * c) * 0.05, torch.tensor([0.5, 0.3, 0.7]), torch.randn(2 * n + r)
 
-    def run(backend, up=False):
-        return _grads(lambda x, p, a, b: ops.hc_coefficients(x, p, a, b, split, 1e-3, 1e-6, kernel_backend=backend),
-                      streams, phi, alpha, bias, upcast=up)  # fmt: skip
+    def run(function, up=False):
+        return _grads(lambda x, p, a, b: function(x, p, a, b, split, 1e-3, 1e-6), streams, phi, alpha, bias, upcast=up)
 
-    _assert_same(run("triton"), run("torch", up=True), dtype)
+    fused = run(lambda *args: ops.hc_coefficients(*args, kernel_backend=backend))
+    _assert_same(fused, run(hc_coefficients_reference, up=True), dtype)
 
 
-def test_coefficients_backward_with_a_frozen_input():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_coefficients_backward_with_a_frozen_input(backend):
     """With Φ frozen (LoRA, say) or the streams frozen, the backward (which then skips that input's pass over X)
     still gives the other input's gradient equal to the reference's."""
     n, c, split = 2, 24, (2, 2, 4)
@@ -97,44 +103,49 @@ def test_coefficients_backward_with_a_frozen_input():
     alpha, bias = torch.tensor([0.5, 0.3, 0.7]), torch.randn(8)
     for trainable in ("streams", "phi"):
         grads = {}
-        for backend in ("triton", "torch"):
+        for name, function in (("op", lambda *a: ops.hc_coefficients(*a, kernel_backend=backend)),
+                               ("reference", hc_coefficients_reference)):  # fmt: skip
             x, p = streams.clone().requires_grad_(trainable == "streams"), phi.clone().requires_grad_(trainable == "phi")
-            pre, post, z_res = ops.hc_coefficients(x, p, alpha, bias, split, 0.0, 1e-6, kernel_backend=backend)
+            pre, post, z_res = function(x, p, alpha, bias, split, 0.0, 1e-6)
             (pre.sum() + post.square().sum() + z_res.sin().sum()).backward()
-            grads[backend] = (x.grad, p.grad)
+            grads[name] = (x.grad, p.grad)
         needed = 0 if trainable == "streams" else 1
-        torch.testing.assert_close(grads["triton"][needed], grads["torch"][needed], atol=2e-5, rtol=1e-5)
+        torch.testing.assert_close(grads["op"][needed], grads["reference"][needed], atol=2e-5, rtol=1e-5)
 
 
 # The padded rows of a block are −∞ by design; numpy (the interpreter) warns on their masked log(0).
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("n", [2, 4, 8])
-def test_sinkhorn_matches_reference(n):
+def test_sinkhorn_matches_reference(n, backend):
+    """The implicit backward against autograd through the reference's rounds and Newton steps (equal at the
+    fixed point)."""
     theta = torch.randn(2, 9, n, n) * 3  # 18 matrices: a ragged last block of 16
-    run = lambda backend: _grads(lambda t: ops.sinkhorn(t, 20, 8, kernel_backend=backend), theta)  # noqa: E731
-    fused, reference = run("triton"), run("torch")
-    _assert_same(fused, reference)
+    fused = _grads(lambda t: ops.sinkhorn(t, 20, 8, kernel_backend=backend), theta)
+    _assert_same(fused, _grads(lambda t: sinkhorn_reference(t, 20, 8), theta))
     p = fused[0][0]
     assert (p.sum(-1) - 1).abs().max() < 1e-5 and (p.sum(-2) - 1).abs().max() < 1e-5
 
 
+@pytest.mark.triton
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
 @pytest.mark.parametrize("n", [2, 4, 8])
 def test_sinkhorn_rounds_match_unpolished_reference(n):
-    """The fused rounds alone equal ``sinkhorn_iterate`` without Newton (same maths, same iteration count)."""
+    """The fused rounds alone equal the reference without Newton (same maths, same iteration count)."""
     from hf_jpmhc.ops.sinkhorn.fused import sinkhorn_rounds_triton
-    from hf_jpmhc.ops.sinkhorn.naive import sinkhorn_iterate
 
     theta = torch.randn(5, n, n) * 3
-    torch.testing.assert_close(sinkhorn_rounds_triton(theta, 7).exp(), sinkhorn_iterate(theta, 7), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(sinkhorn_rounds_triton(theta, 7).exp(), sinkhorn_reference(theta, 7, 0), atol=1e-6,
+                               rtol=1e-5)  # fmt: skip
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("n", [2, 4, 8])
-def test_cayley_matches_reference(n):
-    skew = skew_from_logits(torch.randn(2, 3, n * (n - 1) // 2) * 0.3 / n, skew_basis(n), n)  # ‖A/2‖ < 1: converges
-    run = lambda backend: _grads(lambda a: ops.cayley(a, 16, kernel_backend=backend), skew)  # noqa: E731
-    fused, reference = run("triton"), run("torch")
-    _assert_same(fused, reference)
+def test_cayley_matches_reference(n, backend):
+    """The iterative fixed point against the exact solve, where it converges (‖A/2‖ < 1)."""
+    skew = skew_from_logits(torch.randn(2, 3, n * (n - 1) // 2) * 0.3 / n, skew_basis(n), n)
+    fused = _grads(lambda a: ops.cayley(a, 16, kernel_backend=backend), skew)
+    _assert_same(fused, _grads(cayley_reference, skew))
     h = fused[0][0]
     torch.testing.assert_close(h.transpose(-1, -2) @ h, torch.eye(n).expand_as(h), atol=1e-5, rtol=0)
 

@@ -136,18 +136,18 @@ def test_hyper_connection_rejects_unknown_backend():
         HyperConnection(8, build_mixer("stiefel", 2), kernel_backend="cuda")
 
 
-@pytest.mark.parametrize("use_compiled", [False, True], ids=["eager", "compiled"])
-def test_cpu_path_backwards_match_autograd_of_the_references(use_compiled):
-    """HyperConnectionRead / StreamUpdate (hand-written backwards) equal autograd through the reference ops,
-    eager and with their per-token passes compiled by inductor (kernel_backend="compiled"); the read also as
-    the final StreamCollapse uses it (pre-type weights only, one α)."""
-    from hf_jpmhc.models.hyper_connection import (
-        HyperConnectionRead,
-        StreamUpdate,
-        collapse_streams,
-        dynamic_coefficients,
-        update_streams,
-    )
+@pytest.mark.parametrize("backend", ["torch", "compiled"])
+def test_cpu_path_backwards_match_autograd_of_the_references(backend):
+    """HyperConnectionRead / StreamUpdate (hand-written backwards) equal autograd through the standalone references
+    (ops/*/naive.py), with the torch backend's passes and with the compiled backend's (C++ loops, inductor); the
+    read also as the final StreamCollapse uses it (pre-type weights only, one α)."""
+    from hf_jpmhc.models.hc_kernels import KERNELS
+    from hf_jpmhc.models.stream_passes import HyperConnectionRead, StreamUpdate
+    from hf_jpmhc.ops.coefficients.naive import hc_coefficients_reference as dynamic_coefficients
+    from hf_jpmhc.ops.collapse.naive import collapse_streams_reference as collapse_streams
+    from hf_jpmhc.ops.stream_update.naive import update_streams_reference as update_streams
+
+    passes = KERNELS[backend].passes
 
     split = (4, 4, 6)
     inputs = [torch.randn(2, 3, 4, 5), torch.randn(14, 20), torch.rand(3), torch.randn(14)]
@@ -157,16 +157,16 @@ def test_cpu_path_backwards_match_autograd_of_the_references(use_compiled):
         return collapse_streams(x, pre), post, z_res
 
     def fused(x, phi, alpha, bias):
-        return HyperConnectionRead.apply(x, phi, alpha, bias, split, 0.01, 1e-6, use_compiled)
+        return HyperConnectionRead.apply(x, phi, alpha, bias, split, 0.01, 1e-6, passes)
 
     def update(x, mixer, post, branch):
-        return StreamUpdate.apply(x, mixer, post, branch, use_compiled)
+        return StreamUpdate.apply(x, mixer, post, branch, passes)
 
     def head_reference(x, phi, alpha, bias):
         return collapse_streams(x, dynamic_coefficients(x, phi, alpha.expand(3), bias, (4, 0, 0), 0.01, 1e-6)[0])
 
     def head_fused(x, phi, alpha, bias):
-        return HyperConnectionRead.apply(x, phi, alpha.expand(3), bias, (4, 0, 0), 0.01, 1e-6, use_compiled)[0]
+        return HyperConnectionRead.apply(x, phi, alpha.expand(3), bias, (4, 0, 0), 0.01, 1e-6, passes)[0]
 
     head_inputs = [torch.randn(2, 3, 4, 5), torch.randn(4, 20), torch.rand(1), torch.randn(4)]
     # the static (n,) post and (n, n) mixer broadcast over tokens: their gradients sum over them
@@ -186,16 +186,26 @@ def test_cpu_path_backwards_match_autograd_of_the_references(use_compiled):
 
 @pytest.mark.parametrize(("n", "channels", "tokens"), [(2, 5, 7), (3, 37, 33), (4, 64, 21), (8, 19, 18), (4, 67, 2)])
 def test_cpu_kernels_match_the_references(n, channels, tokens):
-    """Each hand-fused C++ loop of kernel_backend="compiled" (hf_jpmhc.ops.cpu) against the torch reference of
-    the same name: C not a multiple of the vector tile, tokens not a multiple of the blocks or fewer than 8
-    (decoding: Φ read in place), two threads (the read's ∂Φ sums per-thread buffers). The whole read at inference with the mixers
-    it has in C++: Sinkhorn near the identity (the rounds hand over to the Newton polish) and far from it.
-    The extension must build here: a silent fallback would test nothing."""
-    from hf_jpmhc.models import hyper_connection as reference
+    """Each hand-fused C++ loop of kernel_backend="compiled" (hf_jpmhc.ops.cpu.NativePasses) against the standalone
+    reference (ops/*/naive.py) where the pass is an op, else the torch backend's pass of the same name (the parts
+    of the hand-written backwards): C not a multiple of the vector tile, tokens not a multiple of the blocks or
+    fewer than FEW_TOKENS (decoding: Φ read in place), two threads (the read's ∂Φ sums per-thread buffers). The
+    whole read at inference with the mixers it has in C++: Sinkhorn near the identity (the rounds hand over to the
+    Newton polish) and far from it. The extension must build here: a silent fallback would test nothing."""
     from hf_jpmhc.models.mixers import build_mixer
+    from hf_jpmhc.models.stream_passes import StreamPasses
     from hf_jpmhc.ops import cpu
+    from hf_jpmhc.ops.coefficients.naive import hc_coefficients_reference
+    from hf_jpmhc.ops.collapse.naive import collapse_streams_reference
+    from hf_jpmhc.ops.stream_update.naive import update_streams_reference
 
-    assert cpu._library() is not None, "the C++ CPU kernels did not build (see the warning)"
+    def read_streams_reference(streams, phi, alpha, bias, split_sizes, pre_eps, norm_eps, mixer=None):
+        pre, post, z_res = hc_coefficients_reference(streams, phi, alpha, bias, split_sizes, pre_eps, norm_eps)
+        return collapse_streams_reference(streams, pre), post, z_res if mixer is None else mixer(z_res)
+
+    references = {"collapse_streams": collapse_streams_reference, "update_streams": update_streams_reference,
+                  "read_streams": read_streams_reference}  # fmt: skip
+    assert cpu.load() is not None, "the C++ CPU kernels did not build (see the warning)"
     g = torch.Generator().manual_seed(n * channels)
     lead, m = (tokens // 3, 3) if tokens % 3 == 0 else (tokens, 1), 2 * n + n * n
 
@@ -228,21 +238,23 @@ def test_cpu_kernels_match_the_references(n, channels, tokens):
     try:
         for name, args in cases.items():
             function = name.split()[0]
-            got, want = getattr(cpu, function)(*args), getattr(reference, function)(*args)
+            reference = references.get(function, getattr(StreamPasses, function))
+            got, want = getattr(cpu.NativePasses, function)(*args), reference(*args)
             got, want = (got, want) if isinstance(want, tuple) else ((got,), (want,))
             for a, b in zip(got, want, strict=True):
                 torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=name)
     finally:
         torch.set_num_threads(threads)
-    assert cpu.update_streams(streams.double(), mixer.double(), post.double(), branch.double()) is None  # falls back
-    assert cpu.update_streams(streams, mixer[0, 0], post, branch) is None  # a mixer shared by all tokens
+    native = cpu.NativePasses
+    assert native.update_streams(streams.double(), mixer.double(), post.double(), branch.double()) is None  # falls back
+    assert native.update_streams(streams, mixer[0, 0], post, branch) is None  # a mixer shared by all tokens
     grassmann = build_mixer("grassmann", n)  # no C++ maths: the read falls back
     rows = 2 * n + grassmann.num_logits
     read_args = (streams, randn(rows, n * channels), torch.ones(3), randn(rows), (n, n, rows - 2 * n), 0.0, 1e-6,
                  grassmann)  # fmt: skip
-    assert cpu.read_streams(*read_args) is None
+    assert native.read_streams(*read_args) is None
     with pytest.raises(RuntimeError, match="one entry per token"):  # the loops check sizes themselves too
-        cpu._library().collapse(streams, pre[..., :1].contiguous())
+        cpu.load().collapse(streams, pre[..., :1].contiguous())
 
 
 @pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc's mallopt")
@@ -270,7 +282,7 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 
 def test_compiled_stream_update_matches_eager():
     """Under torch.compile, update_streams takes its broadcast-and-reduce form: same numbers as the matmul."""
-    from hf_jpmhc.models.hyper_connection import update_streams
+    from hf_jpmhc.models.stream_passes import update_streams
 
     streams, mixer = torch.randn(2, 3, 4, 8), torch.randn(2, 3, 4, 4)
     post, branch = torch.rand(2, 3, 4), torch.randn(2, 3, 8)
@@ -283,14 +295,14 @@ def test_compiled_stream_update_matches_eager():
 def test_compiled_backend_matches_torch_in_the_model(mixer, options):
     """kernel_backend="compiled" (C++ and inductor-compiled per-token passes, the mixer compiled with its backward)
     trains like the eager torch path."""
-    from hf_jpmhc.models.hyper_connection import compiled_with_backward
+    from hf_jpmhc.models.hc_kernels import _compiled_forward
 
     ids = torch.randint(3, 128, (2, 12))
     reference = _perturbed_model(mixer=mixer, kernel_backend="torch", **options)
-    compiled_with_backward.cache_clear()
+    _compiled_forward.cache_clear()
     _assert_same_run(reference, _perturbed_model(mixer=mixer, kernel_backend="compiled", **options), ids)
     # the mixer's forward, compiled once for all sites; static coefficients mix one θ per site, uncompiled
-    assert compiled_with_backward.cache_info().currsize == int(options.get("dynamic", True))
+    assert _compiled_forward.cache_info().currsize == int(options.get("dynamic", True))
 
 
 @pytest.mark.parametrize("mixer", ["sinkhorn", "grassmann"])
@@ -320,7 +332,7 @@ def test_compiled_backend_matches_torch_at_inference(mixer):
 def test_compiled_small_solve_matches_lapack():
     """Under torch.compile, solve_small eliminates without pivoting; on the mixers' systems (symmetric part
     positive definite) it agrees with LAPACK, and the Cayley transform stays orthogonal at |θ| ~ 1e3."""
-    from hf_jpmhc.models.mixers import cayley, solve_small
+    from hf_jpmhc.models.cayley import cayley, solve_small
 
     generator = torch.Generator().manual_seed(0)
     p = torch.softmax(3 * torch.randn(5, 4, 4, generator=generator, dtype=torch.float64), dim=-1)
@@ -334,3 +346,43 @@ def test_compiled_small_solve_matches_lapack():
     torch.testing.assert_close(compiled_solve(eye - skew / 2, eye + skew / 2), cayley(skew), rtol=1e-8, atol=1e-8)
     q = torch.compile(cayley, backend="aot_eager", fullgraph=True)(skew.float())
     torch.testing.assert_close(q @ q.mT, torch.eye(4).expand_as(q), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["inference", "training"])
+def test_compiled_backend_is_traced_into_an_enclosing_compile(grad):
+    """kernel_backend="compiled" under the user's own torch.compile: its C++ loops are registered torch ops, so
+    dynamo traces them into the one graph (no break, no bypass) and the result equals eager."""
+    hc = HyperConnection(16, build_mixer("sinkhorn", 4), kernel_backend="compiled")
+    with torch.no_grad():
+        hc.phi.normal_(0, 0.1), hc.bias.add_(torch.randn(hc.bias.shape) * 0.3)
+
+    def step(streams, branch):
+        u, post, h = hc.read(streams)
+        return hc.write(streams, branch * u, post, h)
+
+    graphs = []
+
+    def capture(graph_module, inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    streams, branch = torch.randn(2, 3, 4, 16, requires_grad=grad), torch.randn(2, 3, 16)
+    with torch.set_grad_enabled(grad):
+        compiled = torch.compile(step, backend=capture, fullgraph=True)(streams, branch)
+        torch.testing.assert_close(compiled, step(streams, branch), atol=1e-6, rtol=1e-6)
+    called = {str(node.target) for graph in graphs for module in graph.modules()  # with the autograd.Function bodies
+              if isinstance(module, torch.fx.GraphModule) for node in module.graph.nodes if node.op == "call_function"}
+    assert any(target.startswith("hf_jpmhc.") for target in called), sorted(called)
+
+
+def test_compiled_backend_keeps_forward_hooks_on_the_mixer():
+    """A forward hook on a mixer still sees its forward run under kernel_backend="compiled" (the fused C++ read
+    and the compiled mixer would bypass it), and the model's outputs do not change."""
+    ids = torch.randint(3, 128, (2, 7))
+    reference = _perturbed_model(mixer="sinkhorn", kernel_backend="torch").eval()
+    model = _perturbed_model(mixer="sinkhorn", kernel_backend="compiled").eval()
+    seen = []
+    model.model.layers[0].attn_hc.mixer.register_forward_hook(lambda module, args, out: seen.append(out.shape))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, reference(ids).logits, atol=1e-5, rtol=1e-5)
+    assert seen == [torch.Size([2, 7, 4, 4])]

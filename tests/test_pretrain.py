@@ -75,6 +75,11 @@ def test_end_to_end_run_saves_a_hub_ready_checkpoint(uninterrupted):
     assert sorted(losses) == list(range(1, MAX_STEPS + 1))
     assert losses[MAX_STEPS] < losses[1] - 1.0  # byte-level Shakespeare: ~5.6 nats at init, ~3.5 after 12 steps
     assert sorted(curve(output_dir, "val_loss")) == [6, 12]
+    # every logged step carries its cost and the H dynamics, aggregated and per site (2 layers: 4 sites)
+    record = read_jsonl(output_dir / "logs" / "metrics.jsonl")[-1]
+    assert record["step_seconds"] > 0 and record["step_cpu_seconds"] > 0 and record["monitor_seconds"] > 0
+    assert 0 < record["hc/h_dist_init"] and record["hc/amax"] >= 1.0 and record["hc/orth_residual"] < 1e-5  # Stiefel
+    assert {k.split("/")[1] for k in record if k.count("/") == 2} == {"0.attn_hc", "0.mlp_hc", "1.attn_hc", "1.mlp_hc"}
 
     final = output_dir / "final"
     config = json.loads((final / "config.json").read_text())
@@ -286,6 +291,23 @@ def test_unknown_yaml_key_and_preset_are_refused(tmp_path):
     config = pretrain.parse_config(["--model", "jpmhc-huge"])
     with pytest.raises(ValueError, match="model='jpmhc-huge' is neither a preset .*jpmhc-tiny"):
         pretrain.model_config_from(config, 257, byte_tokenizer())
+
+
+def test_llama_architecture_is_the_preset_without_hyper_connections(model_json):
+    from transformers import LlamaForCausalLM
+
+    from training.common import hyper_connection_parameters
+
+    tokenizer = byte_tokenizer()
+    llama, _ = pretrain.build_model(pretrain.parse_config(["--model", str(model_json), "--architecture", "llama"]), tokenizer)
+    jpmhc, _ = pretrain.build_model(pretrain.parse_config(["--model", str(model_json)]), tokenizer)
+    assert type(llama) is LlamaForCausalLM and llama.config.num_hidden_layers == jpmhc.config.num_hidden_layers == 2
+    hc = sum(p.numel() for p in hyper_connection_parameters(jpmhc))
+    assert llama.num_parameters() == jpmhc.num_parameters() - hc > 0
+    with pytest.raises(ValueError, match="architecture='llama' is the plain baseline: drop init_from, mixer and num_streams"):
+        pretrain.parse_config(["--architecture", "llama", "--mixer", "sinkhorn"])
+    with pytest.raises(ValueError, match="hc_lr_scale must be a positive number"):
+        pretrain.parse_config(["--hc_lr_scale", "0"])
 
 
 def test_presets_build_with_mixer_overrides():

@@ -28,7 +28,7 @@ from tests.test_modeling import perturb_hyper_connections, token_batch
 # The mixers with constant bases (non-persistent buffers) and the DeepSeek-compatible one.
 MIXERS = ("sinkhorn", "permutation", "grassmann", "stiefel")
 CODE_FILES = {"configuration_jpmhc.py", "configuration_hyper_connection.py", "modeling_jpmhc.py", "hyper_connection.py",
-              "mixers.py", "loading.py"}  # fmt: skip
+              "hc_kernels.py", "stream_passes.py", "mixers.py", "sinkhorn.py", "cayley.py", "loading.py"}  # fmt: skip
 
 CHILD = textwrap.dedent(
     """

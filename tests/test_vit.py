@@ -328,6 +328,8 @@ def finetune_main():
 def test_tiny_finetune_run_saves_a_pipeline_ready_checkpoint(tmp_path):
     results = finetune_main()([f"--output_dir={tmp_path}", "--max_steps=2", *TINY_FINETUNE])
     assert results["steps"] == 2 and results["images"] == 64 and 0.0 <= results["test_accuracy"] <= 1.0
+    record = [json.loads(line) for line in (tmp_path / "logs" / "metrics.jsonl").read_text().splitlines()][-1]
+    assert record["hc/h_dist_init"] > 0 and "hc/0.attn_hc/h_dist_init" in record  # the H dynamics of the ViT's sites
     assert json.loads((tmp_path / "results.json").read_text())["dataset"] == "mnist_5k"
     for path in tmp_path.iterdir():  # (tmp_path itself is pytest's, 0700)
         assert_ordinary_permissions(path)

@@ -37,12 +37,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import shutil
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -106,6 +107,50 @@ def check_ranges(config, *, positive: tuple[str, ...] = (), non_negative: tuple[
             value = getattr(config, name)
             if value is not None and not holds(value):
                 raise ValueError(f"{name} must be {bound}, got {value!r}")
+
+
+@dataclass
+class HyperConnectionTrainingConfig:
+    """Settings of how the hyper-connections train and are watched, shared by ``pretrain.py`` and
+    ``finetune_vision.py`` (their configs inherit these fields; they do nothing for models without hyper-connections).
+
+    The optimiser options are the lever against identity degeneration (docs/mixer_study.md): with Adam, a parameter
+    moves ≈ lr per step whatever its gradient's scale, so H leaves a saturated start (Sinkhorn's logits 4·I, say)
+    only as fast as the hyper-connections' learning rate allows.
+    """
+
+    hc_lr_scale: float = field(default=1.0, metadata={
+        "help": "learning-rate multiplier for the hyper-connection parameters (Φ, b, α of every site and the collapse head)"})
+    hc_weight_decay: float | None = field(default=None, metadata={
+        "help": "weight decay of the hyper-connections' projections Φ (default: weight_decay; b and α are never decayed)"})
+    hc_monitor: bool = field(default=True, metadata={
+        "help": "log the H dynamics (hf_jpmhc.diagnostics.dynamics) on a fixed probe batch at every log step"})
+    hc_monitor_sites: bool = field(default=True, metadata={"help": "also log the per-site values, not only aggregates"})
+    hc_probe_size: int = field(default=2, metadata={"help": "probe batch of the H dynamics: held-out sequences / images"})
+    degeneration_threshold: float = field(default=0.01, metadata={
+        "help": "warn when a learned mixer is within this (Frobenius) of its initialisation or of I at degeneration_step"})
+    degeneration_step: int | None = field(default=200, metadata={
+        "help": "the step of the identity-degeneration check (none: no check)"})
+
+    def validate_hyper_connection_training(self) -> None:
+        if not (self.hc_lr_scale > 0 and math.isfinite(self.hc_lr_scale)):
+            raise ValueError(f"hc_lr_scale must be a positive number, got {self.hc_lr_scale}")
+        if self.hc_weight_decay is not None and self.hc_weight_decay < 0:
+            raise ValueError(f"hc_weight_decay must be >= 0, got {self.hc_weight_decay}")
+        if self.hc_probe_size < 1:
+            raise ValueError(f"hc_probe_size must be >= 1, got {self.hc_probe_size}")
+
+    def build_monitor(self, model: torch.nn.Module, probe: dict):
+        """The ``DynamicsMonitor`` of ``model`` on ``probe`` (model keyword arguments), or None: monitoring off or
+        a model without hyper-connections."""
+        from hf_jpmhc.diagnostics.dynamics import DynamicsMonitor
+        from hf_jpmhc.models.hyper_connection import HyperConnection
+
+        if not self.hc_monitor or not any(isinstance(m, HyperConnection) for m in model.modules()):
+            return None
+        return DynamicsMonitor(model, probe, per_site=self.hc_monitor_sites,
+                               degeneration_threshold=self.degeneration_threshold,
+                               degeneration_step=self.degeneration_step)  # fmt: skip
 
 
 def seed_everything(seed: int) -> None:
@@ -274,14 +319,35 @@ def build_optimizer(
     weight_decay: float = 0.0,
     betas: tuple[float, float] = (0.9, 0.95),
     eps: float = 1e-8,
+    hc_lr_scale: float = 1.0,
+    hc_weight_decay: float | None = None,
 ) -> torch.optim.AdamW:
-    """AdamW with decoupled weight decay on matrices only: biases, norm gains, embeddings' 1-D cousins and the
-    hyper-connections' scalars α and biases b (all 1-D) are not decayed (nanoGPT's convention)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=eps)
+    """AdamW with decoupled weight decay on matrices only: biases, norm gains and the hyper-connections' scalars α
+    and biases b (all 1-D) are not decayed (nanoGPT's convention).
+
+    The hyper-connection parameters (``hyper_connection_parameters``) learn at ``learning_rate · hc_lr_scale`` and
+    their projections Φ decay with ``hc_weight_decay`` (None: ``weight_decay``), as several reference mHC
+    implementations set them apart with optimizer groups. Groups with equal settings are merged, so the defaults
+    give the two groups (decayed, not decayed) of a model without hyper-connections.
+    """
+    hc = {id(p) for p in hyper_connection_parameters(model)}
+    hc_decay = weight_decay if hc_weight_decay is None else hc_weight_decay
+    groups: dict[tuple[float, float], list[torch.nn.Parameter]] = {}
+    for p in model.parameters():
+        if p.requires_grad:
+            in_hc = id(p) in hc
+            lr = learning_rate * hc_lr_scale if in_hc else learning_rate
+            decay = (hc_decay if in_hc else weight_decay) if p.ndim >= 2 else 0.0
+            groups.setdefault((lr, decay), []).append(p)
+    param_groups = [{"params": params, "lr": lr, "weight_decay": decay} for (lr, decay), params in groups.items()]
+    return torch.optim.AdamW(param_groups, lr=learning_rate, betas=betas, eps=eps)
+
+
+def hyper_connection_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The parameters of every ``HyperConnection`` and ``StreamCollapse`` (Φ, b, α): empty for a plain model."""
+    from hf_jpmhc.models.hyper_connection import HyperConnection, StreamCollapse
+
+    return [p for m in model.modules() if isinstance(m, (HyperConnection, StreamCollapse)) for p in m.parameters()]
 
 
 def build_scheduler(optimizer, name: str = "cosine", *, warmup_steps: int, max_steps: int):
@@ -458,13 +524,16 @@ def train_loop(
     log_every: int = 1,
     max_grad_norm: float | None = 1.0,
     stop_after: int | None = None,
+    monitor: Callable[[torch.nn.Module, int], dict[str, float]] | None = None,
 ) -> dict[str, float]:
     """Train from ``state.step`` to ``max_steps`` optimiser updates; return the last evaluation metrics.
 
     Per update: ``gradient_accumulation_steps`` micro-batches under ``accelerator.accumulate``, gradient
     clipping to ``max_grad_norm`` (None: off), AdamW step, scheduler step. Every ``log_every`` updates the
-    loss (mean over micro-batches and processes), learning rate, gradient norm and items/s go to ``logger``;
-    every ``eval_every`` updates (and at the end) ``evaluate(model)``; every ``save_every`` updates (and at
+    loss (mean over micro-batches and processes), learning rate, gradient norm, items/s, and the wall and CPU
+    (process) seconds per update — the CPU time does not count waiting for a shared machine's cores — go to
+    ``logger``, with ``monitor(unwrapped model, step)``'s metrics (e.g. ``DynamicsMonitor``'s H dynamics) and the
+    seconds it took; every ``eval_every`` updates (and at the end) ``evaluate(model)``; every ``save_every`` updates (and at
     the end) a checkpoint. ``stop_after`` ends early at that step, after a checkpoint — a scheduled
     preemption: the LR schedule still runs to ``max_steps`` and ``--resume`` continues. A resumed run logs
     the same records as an uninterrupted one when checkpoints fall on log steps (``save_every`` a multiple
@@ -498,9 +567,13 @@ def train_loop(
         record: dict[str, float] = {}
         if state.step % log_every == 0 or state.step == max_steps:
             record = {"loss": window.mean_loss(accelerator), "lr": scheduler.get_last_lr()[0],
-                      "items_per_s": window.rate(), "items": state.items}  # fmt: skip
+                      "items_per_s": window.rate(), "items": state.items, **window.seconds_per_step()}  # fmt: skip
             if grad_norm is not None:
                 record["grad_norm"] = float(grad_norm)
+            if monitor is not None:
+                start = time.perf_counter()
+                record.update(monitor(accelerator.unwrap_model(model), state.step))
+                record["monitor_seconds"] = time.perf_counter() - start
             progress.set_postfix(loss=f"{record['loss']:.4f}")
         if evaluate is not None and (state.step == max_steps or (eval_every and state.step % eval_every == 0)):
             metrics = evaluate(model)
@@ -530,7 +603,7 @@ class _Window:
 
     def reset(self) -> None:
         self.loss.zero_()
-        self.steps, self.items, self.start = 0, 0, time.perf_counter()
+        self.steps, self.items, self.start, self.cpu_start = 0, 0, time.perf_counter(), time.process_time()
 
     def add(self, loss: torch.Tensor, items: int) -> None:
         self.loss += loss
@@ -542,6 +615,11 @@ class _Window:
 
     def rate(self) -> float:
         return self.items / (time.perf_counter() - self.start)
+
+    def seconds_per_step(self) -> dict[str, float]:
+        """Wall and CPU (this process, all its threads) seconds per update over the window."""
+        return {"step_seconds": (time.perf_counter() - self.start) / self.steps,
+                "step_cpu_seconds": (time.process_time() - self.cpu_start) / self.steps}  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------------

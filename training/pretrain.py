@@ -14,7 +14,8 @@ function-preservingly by ``hf_jpmhc.conversion.llama``). Data: see ``hf_jpmhc.da
 
 Output directory:
     checkpoints/checkpoint-N   atomic ``accelerator.save_state`` checkpoints (the last ``save_total_limit``)
-    logs/metrics.jsonl         one record per logged step: loss, lr, grad_norm, tokens/s, val_loss, val_ppl
+    logs/metrics.jsonl         one record per logged step: loss, lr, grad_norm, tokens/s, seconds per step, the
+                               H dynamics (hc/…, ``hf_jpmhc.diagnostics.dynamics``), val_loss, val_ppl
     final/                     Hub-ready ``save_pretrained`` directory: config with auto_map, code, tokenizer, README.md
 """
 
@@ -31,17 +32,18 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
-from transformers import AutoConfig
+from transformers import AutoConfig, LlamaConfig, LlamaForCausalLM
 
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from hf_jpmhc import JPmHCConfig, JPmHCForCausalLM  # noqa: E402
+from hf_jpmhc import HyperConnectionConfig, JPmHCConfig, JPmHCForCausalLM  # noqa: E402
 from hf_jpmhc.data.text import SMOLLM2_TOKENIZER, build_lm_datasets, load_tokenizer  # noqa: E402
 from hf_jpmhc.errors import user_errors  # noqa: E402
 from hf_jpmhc.loading import check_checkpoint, load_pretrained  # noqa: E402
 from training.common import (  # noqa: E402
     CheckpointManager,
+    HyperConnectionTrainingConfig,
     MetricsLogger,
     TrainState,
     build_accelerator,
@@ -58,13 +60,19 @@ from training.common import (  # noqa: E402
 PRESETS_DIR = Path(__file__).resolve().parent / "configs" / "presets"
 
 
+ARCHITECTURES = ("jpmhc", "llama")
+
+
 @dataclass
-class PretrainConfig:
-    """Every setting of a pretraining run (YAML keys and ``--flags`` use these names)."""
+class PretrainConfig(HyperConnectionTrainingConfig):
+    """Every setting of a pretraining run (YAML keys and ``--flags`` use these names); the hyper-connections'
+    optimiser and monitoring settings come from ``HyperConnectionTrainingConfig``."""
 
     output_dir: str = field(default="runs/pretrain", metadata={"help": "checkpoints/, logs/ and final/ go here"})
     # model
     model: str = field(default="jpmhc-tiny", metadata={"help": "preset name (training/configs/presets) or JPmHCConfig JSON"})
+    architecture: str = field(default="jpmhc", metadata={
+        "help": "'jpmhc', or 'llama': transformers' LlamaForCausalLM of the preset's shape (the n = 1 baseline)"})
     init_from: str | None = field(default=None, metadata={"help": "JPmHC or Llama checkpoint directory to start from"})
     mixer: str | None = field(default=None, metadata={"help": "override the preset's mixer"})
     num_streams: int | None = field(default=None, metadata={"help": "override the preset's number of streams"})
@@ -110,6 +118,11 @@ class PretrainConfig:
 def parse_config(argv: list[str] | None = None) -> PretrainConfig:
     """Defaults ← YAML (``--config``) ← command-line flags. Unknown YAML keys and invalid values raise ValueError."""
     config = parse_script_config(PretrainConfig, argv)
+    if config.architecture not in ARCHITECTURES:
+        raise ValueError(f"architecture must be one of {ARCHITECTURES}, got {config.architecture!r}")
+    if config.architecture == "llama" and (config.init_from or config.mixer or config.num_streams):
+        raise ValueError("architecture='llama' is the plain baseline: drop init_from, mixer and num_streams")
+    config.validate_hyper_connection_training()
     return config
 
 
@@ -141,10 +154,13 @@ def _runtime_overrides(config: PretrainConfig) -> dict:
     return {"kernel_backend": config.kernel_backend} if config.kernel_backend is not None else {}
 
 
-def build_model(config: PretrainConfig, tokenizer) -> tuple[JPmHCForCausalLM, str | None]:
+def build_model(config: PretrainConfig, tokenizer) -> tuple[JPmHCForCausalLM | LlamaForCausalLM, str | None]:
     """The model to train and, for ``init_from``, the base model's name for the model card."""
     if config.init_from is None:
-        return JPmHCForCausalLM(model_config_from(config, len(tokenizer), tokenizer)), None
+        model_config = model_config_from(config, len(tokenizer), tokenizer)
+        if config.architecture == "llama":
+            return LlamaForCausalLM(llama_config_of(model_config)), None
+        return JPmHCForCausalLM(model_config), None
     check_checkpoint(config.init_from)
     source = AutoConfig.from_pretrained(config.init_from)
     if source.model_type == "jpmhc":
@@ -161,6 +177,15 @@ def build_model(config: PretrainConfig, tokenizer) -> tuple[JPmHCForCausalLM, st
                               **_runtime_overrides(config))  # fmt: skip
         return model.float(), config.init_from
     raise ValueError(f"init_from={config.init_from!r} has model_type={source.model_type!r}; expected 'jpmhc' or 'llama'")
+
+
+def llama_config_of(config: JPmHCConfig) -> LlamaConfig:
+    """The ``LlamaConfig`` of the same shape: ``config`` without its hyper-connection fields."""
+    hc_fields = {f.name for f in dataclasses.fields(HyperConnectionConfig)}
+    values = {k: v for k, v in config.to_dict().items() if k not in hc_fields}
+    for key in ("model_type", "architectures", "transformers_version", "auto_map"):
+        values.pop(key, None)
+    return LlamaConfig(**values)
 
 
 def check_compatible(model_config, tokenizer, block_size: int) -> None:
@@ -266,8 +291,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     model = prepare_fsdp_units(accelerator, model)  # FSDP2 only; before the optimizer sees the parameters
     optimizer = build_optimizer(model, learning_rate=config.learning_rate, weight_decay=config.weight_decay,
-                                betas=(config.adam_beta1, config.adam_beta2))  # fmt: skip
+                                betas=(config.adam_beta1, config.adam_beta2), hc_lr_scale=config.hc_lr_scale,
+                                hc_weight_decay=config.hc_weight_decay)  # fmt: skip
     scheduler = build_scheduler(optimizer, config.lr_scheduler, warmup_steps=config.warmup_steps, max_steps=config.max_steps)
+    monitor = config.build_monitor(model, {"input_ids": val[: config.hc_probe_size]["input_ids"].to(accelerator.device)})
     model, optimizer, train_loader, val_loader, scheduler = accelerator.prepare(
         model, optimizer, train_loader, val_loader, scheduler
     )
@@ -279,8 +306,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     logger = MetricsLogger(accelerator, output_dir / "logs", resume_step=state.step if resumed else None,
                            run_config=dataclasses.asdict(config))  # fmt: skip
     unwrapped = accelerator.unwrap_model(model)
+    kind = (f"{unwrapped.config.mixer} mixer, n={unwrapped.config.num_streams}"
+            if isinstance(unwrapped.config, HyperConnectionConfig) else "Llama (no hyper-connections)")  # fmt: skip
     accelerator.print(
-        f"{unwrapped.config.mixer} mixer, n={unwrapped.config.num_streams}: {unwrapped.num_parameters():,} parameters; "
+        f"{kind}: {unwrapped.num_parameters():,} parameters; "
         f"{len(data['train']):,} training blocks of {config.block_size} tokens; {accelerator.num_processes} process(es)"
     )
     start = time.perf_counter()
@@ -289,7 +318,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         accelerator, model, optimizer, scheduler, train_loader, lm_loss, state,
         max_steps=config.max_steps, logger=logger, checkpoints=checkpoints, save_every=config.save_every,
         evaluate=evaluate, eval_every=config.eval_every, log_every=config.log_every,
-        max_grad_norm=config.max_grad_norm, stop_after=config.stop_after,
+        max_grad_norm=config.max_grad_norm, stop_after=config.stop_after, monitor=monitor,
     )  # fmt: skip
     logger.close()
     if state.step < config.max_steps:  # stopped early on purpose

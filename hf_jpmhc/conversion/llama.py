@@ -26,11 +26,11 @@ import torch
 from torch import nn
 
 from ..models.configuration_jpmhc import JPmHCConfig
+from ..models.hyper_connection import HYPER_CONNECTION_MODULES
 from ..models.modeling_jpmhc import JPmHCForCausalLM
 from .common import build_empty, hyper_connection_fields, materialize_new_parameters, move_weights, progress
 
 # Parameter-name fragments of the hyper-connections, which the source does not have.
-HYPER_CONNECTION_PARAMETERS = ("attn_hc.", "mlp_hc.", "stream_collapse.")
 # Bookkeeping fields of every config: they name or describe the checkpoint, not the function.
 BOOKKEEPING_FIELDS = ("model_type", "architectures", "transformers_version", "_name_or_path", "auto_map")
 
@@ -165,7 +165,7 @@ def convert_llama(model_or_path: nn.Module | str | Path, num_streams: int = 4, m
         move_weights(target.lm_head, source.lm_head)
     layers = zip(target.model.layers, source.model.layers, strict=True)
     for target_layer, source_layer in progress(layers, desc=f"converting to {num_streams} streams", total=len(source.model.layers)):
-        move_weights(target_layer, source_layer, new=(*HYPER_CONNECTION_PARAMETERS, *(f"{m}.bias" for m in architecture.zero_bias)))
+        move_weights(target_layer, source_layer, new=(*HYPER_CONNECTION_MODULES, *(f"{m}.bias" for m in architecture.zero_bias)))
         for name in architecture.zero_bias:
             linear = target_layer.get_submodule(name)
             linear.bias = nn.Parameter(torch.zeros(linear.out_features, dtype=linear.weight.dtype, device=device))

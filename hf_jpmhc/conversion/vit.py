@@ -19,11 +19,11 @@ from torch import nn
 from transformers import ViTConfig, ViTForImageClassification, ViTModel
 
 from ..models.configuration_jpmhc_vit import JPmHCViTConfig
+from ..models.hyper_connection import HYPER_CONNECTION_MODULES
 from ..models.modeling_jpmhc_vit import JPmHCViTForImageClassification, JPmHCViTModel
 from .common import build_empty, hyper_connection_fields, materialize_new_parameters, move_weights, progress
 
 # Parameter-name fragments of the hyper-connections, which the source does not have.
-HYPER_CONNECTION_PARAMETERS = ("attn_hc.", "mlp_hc.", "stream_collapse.")
 # Bookkeeping fields of every config: they name or describe the checkpoint, not the function.
 BOOKKEEPING_FIELDS = ("model_type", "architectures", "transformers_version", "_name_or_path", "auto_map")
 
@@ -99,7 +99,7 @@ def convert_vit(
             move_weights(getattr(target_vit, name), getattr(source_vit, name))
     layers = zip(target_vit.layers, source_vit.layers, strict=True)
     for target_layer, source_layer in progress(layers, desc=f"converting to {num_streams} streams", total=len(source_vit.layers)):
-        move_weights(target_layer, source_layer, new=HYPER_CONNECTION_PARAMETERS)
+        move_weights(target_layer, source_layer, new=HYPER_CONNECTION_MODULES)
     materialize_new_parameters(target, device=device)
     return target.train(source.training)
 

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ..models.configuration_jpmhc import JPmHCConfig
-from ..models.hyper_connection import collapse_streams
+from ..models.stream_passes import collapse_streams
 from ..models.modeling_jpmhc import JPmHCModel, build_hyper_connection
 
 # Default logit scale of the random-mixer ensemble. The unconstrained mixer is H = I + θ: with s = 1 its

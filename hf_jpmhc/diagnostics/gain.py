@@ -11,6 +11,7 @@ inputs, and each gain is the maximum over tokens (composites are formed token by
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -65,37 +66,51 @@ def gain_report(mixers: torch.Tensor, site_names: list[str] | None = None) -> Ga
     )
 
 
-@contextmanager
-def record_mixers(model: nn.Module):
-    """Record (site name, H) of every ``HyperConnection`` in ``model`` each time it reads the streams.
-
-    Wraps each hyper-connection's ``read`` (which returns u, post, H) for the duration of the block — an
-    instance attribute, removed on exit — so H is the one computed from the streams that layer sees.
-    Yields the list it appends to.
-    """
-    records: list[tuple[str, torch.Tensor]] = []
+def hyper_connection_sites(model: nn.Module) -> list[tuple[str, HyperConnection]]:
+    """(module name, module) of every ``HyperConnection`` in ``model``, in stream order; ValueError if none."""
     sites = [(name, m) for name, m in model.named_modules() if isinstance(m, HyperConnection)]
     if not sites:
         raise ValueError(
             f"{type(model).__name__} has no HyperConnection modules, so it is not a JPmHC model; convert it first "
             "(hf-jpmhc convert llama SRC OUT)"
         )
+    return sites
 
-    def recorder(name: str, hc: HyperConnection):
+
+@contextmanager
+def observe_reads(model: nn.Module, observe: Callable[[str, HyperConnection, torch.Tensor, tuple], None]):
+    """Call ``observe(site name, hyper-connection, streams X, (u, post, H))`` each time a ``HyperConnection`` of
+    ``model`` reads the streams, for the duration of the block.
+
+    Wraps each hyper-connection's ``read`` — an instance attribute, removed on exit — so what is observed is what
+    that layer computed from the streams it saw.
+    """
+    sites = hyper_connection_sites(model)
+
+    def observed(name: str, hc: HyperConnection):
         def read(streams: torch.Tensor):
-            u, post, mixer = type(hc).read(hc, streams)
-            records.append((name, mixer.detach()))
-            return u, post, mixer
+            out = type(hc).read(hc, streams)
+            observe(name, hc, streams, out)
+            return out
 
         return read
 
     try:
         for name, hc in sites:
-            hc.read = recorder(name, hc)
-        yield records
+            hc.read = observed(name, hc)
+        yield
     finally:
         for _, hc in sites:
             hc.__dict__.pop("read", None)
+
+
+@contextmanager
+def record_mixers(model: nn.Module):
+    """Record (site name, H) of every ``HyperConnection`` in ``model`` each time it reads the streams
+    (``observe_reads``). Yields the list it appends to."""
+    records: list[tuple[str, torch.Tensor]] = []
+    with observe_reads(model, lambda name, _hc, _streams, out: records.append((name, out[2].detach()))):
+        yield records
 
 
 @torch.no_grad()
@@ -109,8 +124,12 @@ def model_gain(model: nn.Module, **inputs) -> GainReport:
         model(**inputs)
     if not records:
         raise ValueError("the model read no streams on these inputs")
-    n = records[0][1].shape[-1]
-    mixers = [h.reshape(-1, n, n) for _, h in records]
-    tokens = max(m.shape[0] for m in mixers)
-    mixers = torch.stack([m.expand(tokens, n, n) for m in mixers])  # (K, tokens, n, n)
-    return gain_report(mixers, [name for name, *_ in records])
+    return gain_report(stack_site_mixers([h for _, h in records]), [name for name, *_ in records])
+
+
+def stack_site_mixers(mixers: list[torch.Tensor]) -> torch.Tensor:
+    """The sites' H, each (…, n, n) — per token, or (n, n) for static coefficients — as (K, tokens, n, n)."""
+    n = mixers[0].shape[-1]
+    flat = [h.reshape(-1, n, n) for h in mixers]
+    tokens = max(h.shape[0] for h in flat)
+    return torch.stack([h.expand(tokens, n, n) for h in flat])

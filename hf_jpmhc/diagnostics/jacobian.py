@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..models.hyper_connection import collapse_streams
+from ..models.stream_passes import collapse_streams
 from ..models.modeling_jpmhc import CACHE
 from .ensemble import SiteCoefficients
 

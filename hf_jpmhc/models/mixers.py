@@ -6,7 +6,9 @@ follow ``.to(device)``) with
 * ``num_logits``    — r, the number of free logits for its ``n``;
 * ``forward(θ)``    — θ ``[..., r]`` → H ``[..., n, n]``, computed in float32 (or float64 when θ is);
 * ``init_logits()`` — the logits whose H is the identity, or the closest the manifold allows; the
-  hyper-connection starts its static bias there.
+  hyper-connection starts its static bias there;
+* ``kernel(backend)`` — its maths in a fused backend ("triton", "cpu"), as a name and arguments that backend
+  knows, or None: the backend then calls ``forward``. The hyper-connection never inspects which mixer it has.
 
 The hyper-connection applies H transposed: ``X' = Hᵀ X + post ⊗ f`` (see ``hyper_connection.py``).
 
@@ -20,6 +22,9 @@ import math
 
 import torch
 from torch import nn
+
+from .cayley import CayleyIterativeFunction, cayley, skew_basis, skew_from_logits, skew_pairs
+from .sinkhorn import SinkhornImplicitFunction, sinkhorn_iterate
 
 # ----------------------------------------------------------------------------------------------------
 # shared pieces
@@ -36,62 +41,6 @@ def helmert_basis(n: int) -> torch.Tensor:
     return basis
 
 
-def skew_basis(m: int) -> torch.Tensor:
-    """The basis E_ij − E_ji of the m×m skew-symmetric matrices, (i, j) the strict upper triangle in row-major
-    order, flattened: (m(m−1)/2, m·m)."""
-    index = torch.triu_indices(m, m, offset=1)
-    basis = torch.zeros(index.shape[1], m, m)
-    basis[torch.arange(index.shape[1]), index[0], index[1]] = 1.0
-    return (basis - basis.transpose(-1, -2)).flatten(1)
-
-
-def skew_from_logits(theta: torch.Tensor, basis: torch.Tensor, m: int) -> torch.Tensor:
-    """Skew-symmetric A = Σ_k θ_k (E_ij − E_ji)_k (…, m, m) from θ (…, k) and ``skew_basis(m)``: one matmul,
-    exact (every entry is a single ±θ_k)."""
-    return (theta @ basis.to(theta.dtype)).unflatten(-1, (m, m))
-
-
-def solve_small(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a⁻¹ b for batches of small systems (…, m, m), (…, m, k) whose symmetric part is positive definite —
-    the systems here: I − A/2 with A skew (symmetric part I) and the Schur complement of the Sinkhorn
-    scaling Jacobian (symmetric positive definite) — so that elimination needs no pivoting.
-
-    Eager: LAPACK's ``solve_ex`` (never singular here, so no error check and no host sync). Under
-    ``torch.compile``: Gauss–Jordan elimination unrolled over the m pivots, elementwise ops that inductor
-    fuses into the surrounding kernel instead of one library call per solve — the Sinkhorn polish under
-    compiled decoding would otherwise be eight calls per site and token.
-    """
-    if not torch.compiler.is_compiling():
-        return torch.linalg.solve_ex(a, b).result
-    m = a.shape[-1]
-    a_rows, b_rows = list(a.unbind(-2)), list(b.unbind(-2))  # the rows of [a | b], kept apart (no copy into one)
-    for k in range(m):
-        pivot = a_rows[k][..., k : k + 1]
-        a_rows[k], b_rows[k] = a_rows[k] / pivot, b_rows[k] / pivot
-        for i in range(m):
-            if i != k:
-                factor = a_rows[i][..., k : k + 1]
-                a_rows[i], b_rows[i] = a_rows[i] - factor * a_rows[k], b_rows[i] - factor * b_rows[k]
-    return torch.stack(b_rows, dim=-2)
-
-
-def cayley(skew: torch.Tensor) -> torch.Tensor:
-    """Cayley(A) = (I − A/2)⁻¹(I + A/2): exactly orthogonal with det +1 for skew-symmetric A.
-
-    The solve runs in float64: I − A/2 has condition number ≈ ‖A‖/2, so at |θ| ~ 1e4 a float32 solve
-    would lose orthogonality (~1e-3); the matrices are at most a few streams wide, so this is cheap.
-    """
-    a = skew.double() / 2
-    eye = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
-    return solve_small(eye - a, eye + a).to(skew.dtype)  # I − A/2 is never singular (eigenvalues 1 ± iλ/2)
-
-
-def _logit(p: float) -> float:
-    """σ⁻¹(p), with p clipped into [1e-4, 1 − 1e-4] so that saturated targets stay finite."""
-    p = min(max(p, 1e-4), 1 - 1e-4)
-    return math.log(p / (1 - p))
-
-
 # How strongly ``init_logits`` leans towards the identity on mixers that can only approach it.
 IDENTITY_LOGIT = 4.0
 
@@ -101,6 +50,7 @@ class Mixer(nn.Module):
 
     name: str
     num_logits: int
+    mean_preserving = False  # Hᵀ1 = 1 for every θ: equal streams stay equal (function preservation while they are)
 
     def __init__(self, num_streams: int):
         super().__init__()
@@ -108,6 +58,11 @@ class Mixer(nn.Module):
 
     def init_logits(self) -> torch.Tensor:
         return torch.zeros(self.num_logits)
+
+    def kernel(self, backend: str) -> tuple | None:
+        """This mixer's maths in the fused ``backend`` ("triton": hf_jpmhc.ops' kernels, "cpu": the C++ read of
+        kernel_backend="compiled"), as (kernel name, *arguments), or None when that backend has none for it."""
+        return None
 
     def constant_buffers(self) -> dict[str, torch.Tensor]:
         """The constant bases (non-persistent buffers) by name, rebuilt from the mixer's shape alone.
@@ -137,6 +92,7 @@ class IdentityMixer(Mixer):
     """H = I: the plain residual (``num_streams=1`` gives a standard pre-norm transformer)."""
 
     name = "identity"
+    mean_preserving = True
 
     def __init__(self, num_streams: int):
         super().__init__(num_streams)
@@ -166,191 +122,6 @@ class UnconstrainedMixer(Mixer):
 # ----------------------------------------------------------------------------------------------------
 
 
-def early_exit_tolerance(tensor: torch.Tensor, compiled: bool = False) -> float | None:
-    """The row error below which the Sinkhorn rounds and Newton steps may stop (columns are exact after each
-    column normalisation): 8 ulp of 1 in the tensor's dtype (1e-6 in float32, 2e-15 in the float64 polish), i.e.
-    converged to float rounding. Only on CPU, where reading the residual on the host is a cheap sync, and not
-    while autograd records the loop (the unrolled backward differentiates every step). In eager mode the loops
-    test it with a Python ``break``; under ``torch.compile`` only where the caller can test it in the graph
-    (``compiled=True``: the polish's ``torch.cond`` checkpoints) — otherwise None, never stop early."""
-    recording = tensor.requires_grad and torch.is_grad_enabled()
-    if tensor.device.type != "cpu" or recording or (torch.compiler.is_compiling() and not compiled):
-        return None
-    return 8 * torch.finfo(tensor.dtype).eps
-
-
-# The row error from which the rounds hand over to the Newton polish, and the polish steps that then reach float64
-# rounding (quadratic convergence: 2e-2 → 4e-4 → 2e-7 → 4e-14 → 2e-27).
-NEWTON_BASIN, NEWTON_FROM_BASIN = 2e-2, 4
-
-
-def sinkhorn_iterate(theta: torch.Tensor, iters: int, eps: float = 0.0, newton_steps: int = 0) -> torch.Tensor:
-    """Sinkhorn–Knopp on exp(θ) (…, n, n): ``iters`` rounds of row then column normalisation.
-
-    ``eps = 0`` runs its first round in the log domain (stable for any |θ|) and the others as float64
-    divisions (see the comment in the loop), then polishes with ``newton_steps`` Newton
-    steps on the scalings (``sinkhorn_newton``): plain SK converges only sublinearly when the target
-    is near a permutation (row error ≈ 1e-1 after 20 rounds at |θ| ≤ 10), Newton reaches float precision.
-    On CPU in eager mode the rounds stop early once the row error is within ``early_exit_tolerance`` (checked
-    after the first round and every fourth), and so does the polish: decoding calls this per token and site.
-    With at least ``NEWTON_FROM_BASIN`` polish steps to follow, the rounds stop as soon as the row error is
-    within ``NEWTON_BASIN``: near the identity the rounds shrink it by ≈ 3% each (1.3e-2 after the first,
-    7e-3 after 20, at θ = 4I + 0.05·N), while a Newton step, which costs about ten rounds, squares it. The
-    result is the same fixed point (to float64 rounding), ≈ 1.4× faster near the identity. Under
-    ``torch.compile`` (CPU, autograd not recording) that handover is tested once, after the first round.
-    ``eps > 0`` is the probability-domain form of transformers' ``DeepseekV4HyperConnection``
-    (softmax + eps, then ``P / (sum + eps)``), kept so that its checkpoints are reproduced exactly.
-    """
-    if eps == 0.0:
-        tol, handover = early_exit_tolerance(theta), newton_steps >= NEWTON_FROM_BASIN
-        log_p = torch.log_softmax(matrix_first(theta), dim=1)  # P as (n, n, …); rows sum to 1
-        p = torch.log_softmax(log_p, dim=0).double().exp()  # columns sum to 1
-        compiled_test = torch.compiler.is_compiling() and early_exit_tolerance(p, compiled=True) is not None
-        if handover and iters > 1 and compiled_test:  # one test, through torch.cond, after the first round
-            in_basin = (p.sum(1) - 1).abs().max() <= NEWTON_BASIN
-            p = torch.cond(in_basin, torch.clone, lambda q: _division_rounds(q, iters - 1, None), (p,))
-        else:
-            p = _division_rounds(p, iters - 1, NEWTON_BASIN if tol is not None and handover else tol)
-        return matrix_last(sinkhorn_newton(p, newton_steps), theta.dtype)
-    p = torch.softmax(theta, dim=-1) + eps
-    p = p / (p.sum(-2, keepdim=True) + eps)
-    for _ in range(iters - 1):
-        p = p / (p.sum(-1, keepdim=True) + eps)
-        p = p / (p.sum(-2, keepdim=True) + eps)
-    return p
-
-
-def _division_rounds(p: torch.Tensor, rounds: int, tol: float | None) -> torch.Tensor:
-    """``rounds`` Sinkhorn rounds on P (n, n, …) (``matrix_first``) after the log-domain first one, stopping once the
-    row error is within ``tol`` (tested before the first and every fourth; None: never).
-
-    After the first round every row and column keeps an entry ≥ 1/n² (a normalisation divides by a sum ≤ n), so
-    these run as plain divisions in float64 (no exp/log per round); entries below e^-700 of their row's largest
-    flush to zero (the log-domain rounds agreed to 1e-6 at |θ| ≤ 10)."""
-    for i in range(rounds):
-        if tol is not None and i % 4 == 0 and (p.sum(1) - 1).abs().max() <= tol:
-            break
-        p = p / p.sum(1, keepdim=True)
-        p = p / p.sum(0, keepdim=True)
-    return p
-
-
-def matrix_first(x: torch.Tensor) -> torch.Tensor:
-    """(…, n, n) → (n, n, …), contiguous: the tokens become the innermost axis, so the row and column sums of
-    the small matrices are vectorised loops over tokens (5× faster on CPU than summing 4 contiguous floats)."""
-    return x.movedim((-2, -1), (0, 1)).contiguous()
-
-
-def matrix_last(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The inverse of ``matrix_first``, cast to ``dtype`` in the same copy."""
-    return x.movedim((0, 1), (-2, -1)).to(dtype, memory_format=torch.contiguous_format)
-
-
-NEWTON_CHECKPOINT = 2  # compiled polish: test convergence every this many steps (2 suffice near the identity)
-
-
-def sinkhorn_newton(p: torch.Tensor, steps: int) -> torch.Tensor:
-    """Newton's method for the scalings of P (n, n, …) (``matrix_first`` layout): diag(e^f) P diag(e^g) with
-    unit row and column sums, in float64.
-
-    The columns are normalised first, in float64 (the rounds may have stopped at float32 rounding). Each step
-    then solves the scaling Jacobian for the row scaling f (``_scaling_solve`` with ∂col = 0: the columns are
-    exact), rescales the rows by e^f — clipped to ±2, damping far from the solution (e.g. at |θ| ~ 1e4) — and
-    normalises the columns exactly, which is the column half of the Newton step (the column scaling e^g would
-    cancel in that normalisation, so it is never applied). Only the n row scalings see an exp, P never leaves
-    the probability domain.
-
-    On CPU the polish stops once the row error is within ``early_exit_tolerance`` (float64 rounding: a float32
-    result is then doubly stochastic to its own rounding, which keeps converted models' equal streams equal
-    over many sites): after any step in eager mode, and under ``torch.compile`` every ``NEWTON_CHECKPOINT``
-    steps, through ``torch.cond`` — compiled decoding would otherwise run all ``steps`` for every token and
-    site, each step a handful of tiny buffers.
-    """
-    p = p.double()
-    return _newton_steps(p / p.sum(0, keepdim=True), steps) if steps else p
-
-
-def _newton_steps(p: torch.Tensor, steps: int) -> torch.Tensor:
-    """``steps`` polish steps on P (float64, unit column sums), with the early exit of ``sinkhorn_newton``.
-
-    The constants here and in ``_scaling_solve`` are literals, not defaults or module globals: under
-    ``torch.compile(dynamic=True)`` dynamo lifts those to symbolic floats, which ``torch.cond`` branches reject.
-    """
-    if torch.compiler.is_compiling() and steps > NEWTON_CHECKPOINT:
-        tol = early_exit_tolerance(p, compiled=True)
-        if tol is not None:
-            p = _newton_steps(p, NEWTON_CHECKPOINT)
-            converged = (p.sum(1) - 1).abs().max() <= tol
-            rest = lambda q: _newton_steps(q, steps - NEWTON_CHECKPOINT)  # noqa: E731
-            return torch.cond(converged, torch.clone, rest, (p,))
-    tol = early_exit_tolerance(p)
-    for _ in range(steps):
-        row = p.sum(1)
-        if tol is not None and (row - 1).abs().max() <= tol:
-            break
-        f, _ = _scaling_solve(p, row, 1 - row)
-        p = p * f.clamp(-2.0, 2.0).exp().unsqueeze(1)
-        p = p / p.sum(0, keepdim=True)
-    return p
-
-
-def _scaling_solve(p, row, rhs_row, rhs_col=None):
-    """(f, g) solving the scaling Jacobian J (f; g) = (rhs_row; rhs_col) for P (n, n, …) (``matrix_first``) with
-    unit column sums, J = [[diag(row), P], [Pᵀ, I]] + ρI — the Jacobian of the scaling equations row = P1,
-    col = Pᵀ1 at col = 1, and at the fixed point (row = 1) the adjoint system of the implicit backward —
-    through its n×n Schur complement (d = 1 + ρ):
-
-        S f = rhs_row − P rhs_col / d,   S = diag(row) + ρ − P Pᵀ / d + 11ᵀ,   g = (rhs_col − Pᵀ f) / d.
-
-    rhs_col = None means 0, and then g is not formed (None). J is singular along (1, −1) (shifting f by t and
-    g by −t leaves P unchanged), to which both right-hand sides here are orthogonal; the 11ᵀ term picks the
-    solution with Σ f = 0, and the ridge ρ = 1e-9 keeps near-permutation P, whose extra null directions meet
-    only zero entries of P, solvable. The products are broadcast sums over the small axes, vectorised over the
-    tokens.
-    """
-    n, ridge = p.shape[0], 1e-9
-    d = 1 + ridge
-    eye = torch.eye(n, dtype=p.dtype, device=p.device).view(n, n, *[1] * (p.dim() - 2))
-    schur = eye * (row + ridge).unsqueeze(1) - (p.unsqueeze(1) * p.unsqueeze(0)).sum(2) / d + 1.0
-    rhs = rhs_row if rhs_col is None else rhs_row - (p * rhs_col.unsqueeze(0)).sum(1) / d
-    f = solve_small(schur.movedim((0, 1), (-2, -1)), rhs.movedim(0, -1).unsqueeze(-1)).squeeze(-1).movedim(-1, 0)
-    return f, None if rhs_col is None else (rhs_col - (p * f.unsqueeze(1)).sum(0)) / d
-
-
-class SinkhornImplicitFunction(torch.autograd.Function):
-    """P = SK(exp θ) with the implicit-function backward (JPmHC): only P is saved, whatever ``iters``.
-
-    At the fixed point P = exp(θ + α1ᵀ + 1βᵀ) with P1 = 1, Pᵀ1 = 1. Differentiating the constraints gives,
-    for the upstream gradient G,
-
-        [[I, P], [Pᵀ, I]] [a; b] = [(G⊙P)1; (G⊙P)ᵀ1],      ∂L/∂θ = P ⊙ (G − a1ᵀ − 1bᵀ).
-
-    The system (``_scaling_solve``) is singular along (1, −1), to which the right-hand side is
-    orthogonal. Exact for the converged map, which the Newton polish in the forward provides.
-    """
-
-    @staticmethod
-    def forward(ctx, theta: torch.Tensor, iters: int, eps: float, newton_steps: int) -> torch.Tensor:
-        p = sinkhorn_iterate(theta, iters, eps, newton_steps)
-        ctx.save_for_backward(p)
-        return p
-
-    @staticmethod
-    def backward(ctx, grad_p: torch.Tensor):
-        (p,) = ctx.saved_tensors
-        return sinkhorn_implicit_grad(p, grad_p), None, None, None
-
-
-def sinkhorn_implicit_grad(p: torch.Tensor, grad_p: torch.Tensor) -> torch.Tensor:
-    """∂L/∂θ of the Sinkhorn fixed point from P and G = ∂L/∂P (see ``SinkhornImplicitFunction``)."""
-    p64 = matrix_first(p).double()
-    g64 = matrix_first(grad_p).double()
-    gp = g64 * p64
-    gp_col = gp.sum(0)
-    a, b = _scaling_solve(p64, torch.ones_like(gp_col), gp.sum(1), gp_col)
-    return matrix_last(p64 * (g64 - a.unsqueeze(1) - b.unsqueeze(0)), p.dtype)
-
-
 class SinkhornMixer(Mixer):
     """H = Sinkhorn–Knopp(exp θ), doubly stochastic up to the iteration error (mHC, arXiv 2512.24880).
 
@@ -359,6 +130,7 @@ class SinkhornMixer(Mixer):
     """
 
     name = "sinkhorn"
+    mean_preserving = True
     BACKWARDS = ("implicit", "unrolled")
 
     def __init__(
@@ -370,6 +142,12 @@ class SinkhornMixer(Mixer):
 
     def init_logits(self) -> torch.Tensor:
         return (IDENTITY_LOGIT * torch.eye(self.num_streams)).flatten()
+
+    def kernel(self, backend: str) -> tuple | None:
+        """The log-domain rounds + Newton polish (eps = 0) in C++; in Triton too with the implicit backward."""
+        if self.eps == 0 and (backend == "cpu" or (backend == "triton" and self.backward == "implicit")):
+            return "sinkhorn", self.iters, self.newton_steps
+        return None
 
     def forward(self, theta: torch.Tensor) -> torch.Tensor:
         n = self.num_streams
@@ -391,6 +169,7 @@ class PermutationMixer(Mixer):
     """H = Σ_k softmax(θ)_k P_k over all n! permutation matrices (mHC-lite): exactly doubly stochastic."""
 
     name = "permutation"
+    mean_preserving = True
     MAX_STREAMS = 6  # 6! = 720 logits; 7! = 5040 makes the projection larger than the model
 
     def __init__(self, num_streams: int):
@@ -421,6 +200,7 @@ class KroneckerMixer(Mixer):
     """
 
     name = "kronecker"
+    mean_preserving = True
 
     def __init__(self, num_streams: int):
         super().__init__(num_streams)
@@ -434,6 +214,9 @@ class KroneckerMixer(Mixer):
 
     def init_logits(self) -> torch.Tensor:
         return torch.full((self.num_logits,), IDENTITY_LOGIT)
+
+    def kernel(self, backend: str) -> tuple | None:
+        return ("kronecker", self.same_bit) if backend == "cpu" else None
 
     def forward(self, theta: torch.Tensor) -> torch.Tensor:
         p = torch.sigmoid(theta)[..., None, None, :]  # (…, 1, 1, K)
@@ -452,6 +235,7 @@ class SpectralMixer(Mixer):
     """
 
     name = "spectral"
+    mean_preserving = True
 
     def __init__(self, num_streams: int):
         super().__init__(num_streams)
@@ -490,6 +274,7 @@ class TransportMixer(Mixer):
     """
 
     name = "transport"
+    mean_preserving = True
 
     def __init__(self, num_streams: int):
         super().__init__(num_streams)
@@ -526,31 +311,6 @@ class TransportMixer(Mixer):
 # ----------------------------------------------------------------------------------------------------
 
 
-class CayleyIterativeFunction(torch.autograd.Function):
-    """Cayley(A) by the fixed point Y ← I + (A/2)(I + Y) (matmuls only), with the exact backward.
-
-    Converges when ‖A/2‖₂ < 1, geometrically at that rate. From (I − A/2)H = I + A/2:
-    dH = (I − A/2)⁻¹ (dA/2)(I + H), and (I − A/2)⁻¹ = (I + H)/2, so ∂L/∂A = ¼ (I + H)ᵀ G (I + H)ᵀ.
-    Only H is saved.
-    """
-
-    @staticmethod
-    def forward(ctx, skew: torch.Tensor, iters: int) -> torch.Tensor:
-        half = skew / 2
-        eye = torch.eye(skew.shape[-1], dtype=skew.dtype, device=skew.device)
-        h = eye + 2 * half  # the first iterate from Y = I
-        for _ in range(iters - 1):
-            h = eye + half @ (eye + h)
-        ctx.save_for_backward(h)
-        return h
-
-    @staticmethod
-    def backward(ctx, grad_h: torch.Tensor):
-        (h,) = ctx.saved_tensors
-        eye_plus_h_t = (torch.eye(h.shape[-1], dtype=h.dtype, device=h.device) + h).transpose(-1, -2)
-        return eye_plus_h_t @ grad_h @ eye_plus_h_t / 4, None
-
-
 class StiefelMixer(Mixer):
     """H = Cayley(θ − θᵀ) ∈ SO(n) (JPmHC, arXiv 2602.18308): exactly orthogonal, all singular values 1.
 
@@ -568,7 +328,15 @@ class StiefelMixer(Mixer):
         self.register_constant_buffers()
 
     def constant_buffers(self) -> dict[str, torch.Tensor]:
-        return {"skew_basis": skew_basis(self.num_streams)}
+        return {"skew_basis": skew_basis(self.num_streams), "skew_pairs": skew_pairs(self.num_streams)}
+
+    def kernel(self, backend: str) -> tuple | None:
+        """The exact solve in C++ (float64 Gauss–Jordan), the iterative fixed point in Triton."""
+        if backend == "cpu" and self.method == "solve":
+            return "cayley", self.skew_pairs
+        if backend == "triton" and self.method == "iterative":
+            return "cayley_iterative", self.skew_basis, self.iters
+        return None
 
     def forward(self, theta: torch.Tensor) -> torch.Tensor:
         skew = skew_from_logits(theta, self.skew_basis, self.num_streams)
@@ -591,6 +359,7 @@ class GrassmannMixer(Mixer):
     """
 
     name = "grassmann"
+    mean_preserving = True
 
     def __init__(self, num_streams: int, rank: int | None = None):
         super().__init__(num_streams)
@@ -644,8 +413,6 @@ MIXERS: dict[str, type[Mixer]] = {
 }
 ALIASES = {"hc": "unconstrained", "mhc": "sinkhorn", "mhc-lite": "permutation", "kromhc": "kronecker",
            "shc": "spectral", "tbp": "transport", "cayley": "stiefel", "jpmhc": "stiefel"}  # fmt: skip
-# Mixers whose Hᵀ1 = 1 for every θ (needed for function preservation while the streams are equal).
-MEAN_PRESERVING = {"identity", "sinkhorn", "permutation", "kronecker", "spectral", "transport", "grassmann"}
 
 
 def canonical_mixer_name(name: str) -> str:

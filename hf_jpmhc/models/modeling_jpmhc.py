@@ -17,7 +17,7 @@ from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.generation import GenerationMixin
 from transformers.masking_utils import create_causal_mask
-from transformers.modeling_layers import GenericForSequenceClassification, GradientCheckpointingLayer
+from transformers.modeling_layers import GenericForSequenceClassification
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_utils import PreTrainedModel
 from transformers.models.llama.modeling_llama import LlamaAttention, LlamaMLP, LlamaRMSNorm, LlamaRotaryEmbedding
@@ -27,7 +27,13 @@ from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_jpmhc import JPmHCConfig
-from .hyper_connection import HyperConnection, StreamCollapse, expand_streams
+from .hyper_connection import (
+    HYPER_CONNECTION_MODULES,
+    HyperConnectedLayer,
+    HyperConnection,
+    StreamCollapse,
+    expand_streams,
+)
 from .loading import StrictLoadingMixin
 from .mixers import Mixer, build_mixer
 
@@ -58,7 +64,6 @@ def build_hyper_connection(config, site: int, norm_eps: float) -> HyperConnectio
         pre_eps=config.hc_pre_eps,
         norm_eps=norm_eps,
         kernel_backend=config.kernel_backend,
-        recompute=config.hc_recompute,
     )
 
 
@@ -74,9 +79,10 @@ def build_stream_collapse(config, norm_eps: float) -> StreamCollapse:
     )
 
 
-class JPmHCDecoderLayer(GradientCheckpointingLayer):
+class JPmHCDecoderLayer(HyperConnectedLayer):
     def __init__(self, config: JPmHCConfig, layer_idx: int):
         super().__init__()
+        self.hc_recompute = config.hc_recompute
         self.self_attn = LlamaAttention(config=config, layer_idx=layer_idx)
         self.mlp = LlamaMLP(config)
         self.input_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
@@ -102,12 +108,9 @@ class JPmHCDecoderLayer(GradientCheckpointingLayer):
             position_embeddings=position_embeddings,
             **kwargs,
         )
-        # hc_recompute: the MLP site's backward rebuilds these mid-layer streams instead of storing them (a layer
-        # already under gradient checkpointing stores neither)
-        checkpointed = self.gradient_checkpointing and self.training
-        with self.attn_hc.recomputable_write(hidden_states, attn_output, post, mix, enabled=not checkpointed) as hidden_states:
-            u, post, mix = self.mlp_hc.read(hidden_states)
-            return self.mlp_hc.write(hidden_states, self.mlp(self.post_attention_layernorm(u)), post, mix)
+        hidden_states = self.attn_hc.write(hidden_states, attn_output, post, mix)
+        u, post, mix = self.mlp_hc.read(hidden_states)
+        return self.mlp_hc.write(hidden_states, self.mlp(self.post_attention_layernorm(u)), post, mix)
 
 
 class JPmHCPreTrainedModel(StrictLoadingMixin, PreTrainedModel):  # from_pretrained refuses mismatched weights
@@ -123,7 +126,7 @@ class JPmHCPreTrainedModel(StrictLoadingMixin, PreTrainedModel):  # from_pretrai
     _supports_attention_backend = True
     _can_record_outputs = {"hidden_states": JPmHCDecoderLayer, "attentions": LlamaAttention}
     # Coefficients and mixers are float32 whatever the model dtype (SPEC §1).
-    _keep_in_fp32_modules_strict = ["attn_hc", "mlp_hc", "stream_collapse"]
+    _keep_in_fp32_modules_strict = list(HYPER_CONNECTION_MODULES)
 
     @torch.no_grad()
     def _init_weights(self, module):

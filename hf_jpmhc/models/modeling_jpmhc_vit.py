@@ -14,7 +14,6 @@ the CLS token, as in ViT.
 import torch
 from torch import nn
 from transformers.masking_utils import create_bidirectional_mask
-from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPooling, ImageClassifierOutput
 from transformers.models.vit.modeling_vit import ViTAttention, ViTEmbeddings, ViTMLP, ViTPooler, ViTPreTrainedModel
 from transformers.processing_utils import Unpack
@@ -23,15 +22,16 @@ from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_jpmhc_vit import JPmHCViTConfig
-from .hyper_connection import expand_streams
+from .hyper_connection import HYPER_CONNECTION_MODULES, HyperConnectedLayer, expand_streams
 from .modeling_jpmhc import JPmHCPreTrainedModel, build_hyper_connection, build_stream_collapse
 
 
-class JPmHCViTLayer(GradientCheckpointingLayer):
+class JPmHCViTLayer(HyperConnectedLayer):
     """transformers' ``ViTLayer`` with each residual ``h + F(norm(h))`` replaced by a hyper-connection."""
 
     def __init__(self, config: JPmHCViTConfig, layer_idx: int):
         super().__init__()
+        self.hc_recompute = config.hc_recompute
         self.attention = ViTAttention(config)
         self.layernorm_before = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.layernorm_after = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
@@ -48,12 +48,9 @@ class JPmHCViTLayer(GradientCheckpointingLayer):
     ) -> torch.Tensor:
         u, post, mix = self.attn_hc.read(hidden_states)  # (B, T, C)
         attn_output, _ = self.attention(self.layernorm_before(u), attention_mask, **kwargs)
-        checkpointed = self.gradient_checkpointing and self.training  # hc_recompute: see JPmHCDecoderLayer
-        with self.attn_hc.recomputable_write(hidden_states, self.dropout(attn_output), post, mix,
-                                             enabled=not checkpointed) as hidden_states:  # fmt: skip
-            u, post, mix = self.mlp_hc.read(hidden_states)
-            mlp_output = self.dropout(self.mlp(self.layernorm_after(u)))
-            return self.mlp_hc.write(hidden_states, mlp_output, post, mix)
+        hidden_states = self.attn_hc.write(hidden_states, self.dropout(attn_output), post, mix)
+        u, post, mix = self.mlp_hc.read(hidden_states)
+        return self.mlp_hc.write(hidden_states, self.dropout(self.mlp(self.layernorm_after(u))), post, mix)
 
 
 class JPmHCViTPreTrainedModel(ViTPreTrainedModel, JPmHCPreTrainedModel):
@@ -73,7 +70,7 @@ class JPmHCViTPreTrainedModel(ViTPreTrainedModel, JPmHCPreTrainedModel):
     _can_compile_fullgraph = True
     _can_record_outputs = {"hidden_states": JPmHCViTLayer, "attentions": ViTAttention}
     # Coefficients and mixers are float32 whatever the model dtype (SPEC §1).
-    _keep_in_fp32_modules_strict = ["attn_hc", "mlp_hc", "stream_collapse"]
+    _keep_in_fp32_modules_strict = list(HYPER_CONNECTION_MODULES)
 
 
 class JPmHCViTModel(JPmHCViTPreTrainedModel):

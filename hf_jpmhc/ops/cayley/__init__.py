@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from hf_jpmhc.models.cayley import CayleyIterativeFunction
+
 from .._backend import device_guard, resolve_backend
 from .naive import cayley_reference
 
@@ -15,7 +17,7 @@ def cayley(skew: torch.Tensor, iters: int = 12, kernel_backend: str = "auto") ->
 
         with device_guard(skew):
             return cayley_triton(skew, iters)
-    return cayley_reference(skew, iters)
+    return CayleyIterativeFunction.apply(skew, iters)
 
 
 __all__ = ["cayley", "cayley_reference"]

@@ -1,11 +1,10 @@
-"""Reference: the iterative Cayley transform with its exact backward — from ``mixers.py``."""
+"""Reference: the Cayley transform onto SO(n) (JPmHC, SPEC §2), plain torch."""
 
-from hf_jpmhc.models.mixers import CayleyIterativeFunction
-
-
-def cayley_reference(skew, iters: int = 12):
-    """Cayley(A) = (I − A/2)⁻¹(I + A/2) by the fixed point Y ← I + (A/2)(I + Y): ``StiefelMixer(method="iterative")``."""
-    return CayleyIterativeFunction.apply(skew, iters)
+import torch
 
 
-__all__ = ["cayley_reference"]
+def cayley_reference(skew: torch.Tensor) -> torch.Tensor:
+    """H = (I − A/2)⁻¹(I + A/2) for skew-symmetric A (…, n, n), solved exactly in float64, in A's dtype."""
+    a = skew.double() / 2
+    eye = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
+    return torch.linalg.solve(eye - a, eye + a).to(skew.dtype)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from hf_jpmhc.models.stream_passes import dynamic_coefficients
+
 from .._backend import device_guard, resolve_backend
 from .naive import hc_coefficients_reference
 
@@ -20,7 +22,7 @@ def hc_coefficients(streams: torch.Tensor, phi: torch.Tensor, alpha: torch.Tenso
 
         with device_guard(streams):
             return hc_coefficients_triton(streams, phi, alpha, bias, split_sizes, pre_eps, norm_eps)
-    return hc_coefficients_reference(streams, phi, alpha, bias, split_sizes, pre_eps, norm_eps)
+    return dynamic_coefficients(streams, phi, alpha, bias, split_sizes, pre_eps, norm_eps)
 
 
 __all__ = ["hc_coefficients", "hc_coefficients_reference"]

@@ -10,7 +10,8 @@ x̃Φᵀ = rstd · xΦᵀ). Saved: X (the op's input), rstd (R,) and the pre-act
 Backward, with g = ∂L/∂z_lin · rstd (R, M) and κ = rstd²/K · Σ_m ∂L/∂z_lin ⊙ z_lin (R,):
     ∂X = g Φ − κ x          (kernel ``_coeff_dx_kernel``, tiled over rows and K)
     ∂Φ = gᵀ X               (kernel ``_coeff_dphi_kernel``, tiled over M and K, loops over rows)
-The activation derivatives and the (M,)-sized reductions for α and b are O(R·M) elementwise torch ops.
+The activation derivatives, g, κ and the (M,)-sized reductions for α and b are the torch read's own
+(``hf_jpmhc.models.stream_passes.coefficient_grads``): O(R·M) elementwise ops.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from hf_jpmhc.models.stream_passes import coefficient_grads
 
 BLOCK_R, BLOCK_K, BLOCK_M = 16, 64, 32
 
@@ -109,15 +112,11 @@ class CoefficientsFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         x, phi, scale, out, zlin, rstd = ctx.saved_tensors
-        (n_pre, n_post, _), (rows, k), m = ctx.split_sizes, x.shape, phi.shape[0]
-        sig = torch.cat([out[:, :n_pre] - ctx.pre_eps, out[:, n_pre : n_pre + n_post] / 2], dim=-1)  # σ(z_pre|post)
-        gain = torch.cat([sig.new_ones(n_pre), sig.new_full((n_post,), 2.0)])  # pre = σ + eps, post = 2σ
-        grad_z = grad_out.clone()
-        grad_z[:, : n_pre + n_post] *= sig * (1 - sig) * gain
-        grad_scale, grad_bias = (grad_z * zlin).sum(0), grad_z.sum(0)
-        grad_zlin = grad_z * scale  # (R, M)
-        g = (grad_zlin * rstd[:, None]).contiguous()
-        kappa = ((grad_zlin * zlin).sum(-1) * rstd.square() / k).contiguous()
+        (rows, k), m = x.shape, phi.shape[0]
+        pre, post, _ = out.split(ctx.split_sizes, dim=-1)
+        grad_scale, grad_bias, g, kappa = coefficient_grads(*grad_out.split(ctx.split_sizes, dim=-1), pre, post, zlin,
+                                                            rstd[:, None], scale, ctx.pre_eps, k)  # fmt: skip
+        g, kappa = g.contiguous(), kappa.view(rows).contiguous()
         grad_x = grad_phi = None  # each a full pass over X: skipped when not needed (a frozen Φ, say)
         if ctx.needs_input_grad[0]:
             grad_x = torch.empty_like(x)

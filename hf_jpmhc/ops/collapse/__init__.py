@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from hf_jpmhc.models import stream_passes
+
 from .._backend import device_guard, resolve_backend
 from .naive import collapse_streams_reference
 
@@ -15,7 +17,7 @@ def collapse_streams(streams: torch.Tensor, weights: torch.Tensor, kernel_backen
 
         with device_guard(streams):
             return collapse_streams_triton(streams, weights)
-    return collapse_streams_reference(streams, weights)
+    return stream_passes.collapse_streams(streams, weights)
 
 
 __all__ = ["collapse_streams", "collapse_streams_reference"]

@@ -1,5 +1,8 @@
-"""Reference: u = Σ_i w_i X_i in float32 — the very function the model runs on the torch path."""
+"""Reference: u = Σᵢ wᵢ Xᵢ (SPEC §1), plain float32 torch."""
 
-from hf_jpmhc.models.hyper_connection import collapse_streams as collapse_streams_reference
+import torch
 
-__all__ = ["collapse_streams_reference"]
+
+def collapse_streams_reference(streams: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """u = Σᵢ wᵢ Xᵢ: streams (…, n, C), weights (…, n) → (…, C), computed in float32, in the streams' dtype."""
+    return torch.einsum("...n,...nc->...c", weights.float(), streams.float()).to(streams.dtype)

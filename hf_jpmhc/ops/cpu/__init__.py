@@ -1,14 +1,18 @@
-"""Hand-fused C++ loops for the CPU path (``kernel_backend="compiled"``), float32.
+"""Hand-fused C++ loops for the CPU path (``kernel_backend="compiled"``), float32, as registered torch ops.
 
 ``kernels.cpp`` makes one pass over the streams per token for each of a hyper-connection's training passes;
-inductor's code for the same references makes one pass per output (the update's backward: four). Without
-autograd a whole read — coefficients, mixer and collapse — is one call, with the Sinkhorn, Cayley (stiefel) and
-Kronecker mixers' maths per token in C++: at one token (decoding) the cost of a site is its number of calls.
-Each function here has the name and signature of the torch reference in ``hf_jpmhc.models.hyper_connection`` it
-implements, and returns None where it does not apply — inputs not float32 on CPU, a mixer not given per token,
-a mixer without C++ maths, or no C++ build — so that the caller falls back to inductor. The extension is built
-at first use by ``torch.utils.cpp_extension`` (a C++ compiler, as inductor needs, and ninja; cached under
-``TORCH_EXTENSIONS_DIR``); if that fails it warns once and everything runs on inductor.
+inductor's code for the same torch passes makes one pass per output (the update's backward: four). Without
+autograd a whole read — coefficients, mixer and collapse — is one call, with the mixer's maths per token in C++
+for the mixers that declare it (``Mixer.kernel("cpu")``: Sinkhorn, the Cayley solve, Kronecker): at one token
+(decoding) the cost of a site is its number of calls. The loops are registered as ``torch.ops.hf_jpmhc.*`` with
+fake implementations, so they compose with ``torch.compile`` and with module hooks.
+
+``NativePasses`` mirrors ``hf_jpmhc.models.stream_passes.StreamPasses`` member by member (a test holds the names
+together); each returns None where its loop does not apply — inputs not float32 on CPU, a mixer not given per
+token, a mixer without C++ maths, or no C++ build — and the compiled backend then runs inductor's code. The
+extension is built at first use by ``torch.utils.cpp_extension`` (a C++ compiler, as inductor needs, and ninja;
+cached under ``TORCH_EXTENSIONS_DIR``), with the numerical constants of ``NUMERICS`` passed as -D flags; if the
+build fails it warns once and everything runs on inductor.
 
 ``keep_freed_memory`` is the process-wide allocator setting that CPU training scripts apply (see there).
 """
@@ -23,10 +27,24 @@ import warnings
 
 import torch
 
-from hf_jpmhc.models.mixers import KroneckerMixer, SinkhornMixer, StiefelMixer
+from hf_jpmhc.models import sinkhorn, stream_passes
 
-__all__ = ["collapse_streams", "keep_freed_memory", "projection_and_rstd", "read_backward_streams", "read_streams",
-           "row_dot", "stream_update_grads", "update_streams"]
+# The codes by which the C++ read knows a mixer's maths, by the names mixers declare in Mixer.kernel("cpu").
+MIXER_KINDS = {"logits": 0, "sinkhorn": 1, "cayley": 2, "kronecker": 3}
+
+# Every constant the C++ loops use, from its one definition; compiled in as -D flags (HF_<name>).
+NUMERICS = {
+    "NEWTON_BASIN": sinkhorn.NEWTON_BASIN,
+    "NEWTON_FROM_BASIN": sinkhorn.NEWTON_FROM_BASIN,
+    "NEWTON_STEP_CLAMP": sinkhorn.NEWTON_STEP_CLAMP,
+    "SCALING_RIDGE": sinkhorn.SCALING_RIDGE,
+    "EARLY_EXIT_ULPS": sinkhorn.EARLY_EXIT_ULPS,
+    "ROUND_CHECK_EVERY": sinkhorn.ROUND_CHECK_EVERY,
+    "FEW_TOKENS": stream_passes.FEW_TOKENS,
+    **{f"MIXER_{name.upper()}": code for name, code in MIXER_KINDS.items()},
+}
+
+__all__ = ["MIXER_KINDS", "NUMERICS", "OPS", "NativePasses", "keep_freed_memory", "load"]
 
 
 def keep_freed_memory() -> bool:
@@ -48,76 +66,79 @@ def keep_freed_memory() -> bool:
     return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
 
 
-@functools.cache
-def _library():
-    from torch.utils.cpp_extension import load
+def build_flags() -> list[str]:
+    """-D flags defining ``NUMERICS`` (as HF_<name>) and ``HF_NUMERICS``, their list in this order."""
+    defines = [f"-DHF_{name}={value!r}" for name, value in NUMERICS.items()]
+    return [*defines, "-DHF_NUMERICS=" + ",".join(f"HF_{name}" for name in NUMERICS)]
+
+
+OPS = None  # torch.ops.hf_jpmhc once load() has built and loaded the extension
+_LOAD_TRIED = False
+
+
+def load():
+    """Build the extension (once; cached on disk) and load it: ``torch.ops.hf_jpmhc``, or None with a warning.
+    Called eagerly (by the compiled backend when a module that uses it is made), so that traced code only reads
+    ``OPS``."""
+    global OPS, _LOAD_TRIED
+    if _LOAD_TRIED:
+        return OPS
+    _LOAD_TRIED = True
+    from torch.utils.cpp_extension import load as build_and_load
 
     try:
-        return load(
+        build_and_load(
             name="hf_jpmhc_cpu",
             sources=[os.path.join(os.path.dirname(__file__), "kernels.cpp")],
-            extra_cflags=["-O3", "-march=native", "-fopenmp"],  # OpenMP: at::parallel_for's threads, omp simd
+            extra_cflags=["-O3", "-march=native", "-fopenmp", *build_flags()],  # OpenMP: at::parallel_for, omp simd
             extra_ldflags=["-fopenmp"],
+            is_python_module=False,  # the ops register themselves (TORCH_LIBRARY)
         )
     except Exception as error:  # no compiler, no ninja, an unsupported platform: inductor covers every pass
         warnings.warn(f"hf_jpmhc's C++ CPU kernels could not be built ({error}); kernel_backend='compiled' "
                       "uses inductor's code for every pass instead", stacklevel=3)  # fmt: skip
         return None
+    _register_fakes()
+    OPS = torch.ops.hf_jpmhc
+    return OPS
+
+
+def _register_fakes() -> None:
+    """Output shapes for tracing (torch.compile, meta tensors): each op's outputs are shaped like its inputs'."""
+    fake = torch.library.register_fake
+
+    def lead(x, *tail):
+        return x.new_empty(*x.shape[:-2], *tail)
+
+    fake("hf_jpmhc::collapse")(lambda x, weights: lead(x, x.shape[-1]))
+    fake("hf_jpmhc::row_dot")(lambda v, x: lead(x, x.shape[-2]))
+    fake("hf_jpmhc::projection")(lambda x, phi, eps: (lead(x, phi.shape[0]), lead(x, 1)))
+    fake("hf_jpmhc::read_backward")(lambda x, pre, grad_u, kappa, g, phi: (torch.empty_like(x), torch.empty_like(phi)))
+    fake("hf_jpmhc::update")(lambda x, h, post, f: torch.empty_like(x))
+    fake("hf_jpmhc::update_backward")(lambda x, h, post, f, grad_out: tuple(map(torch.empty_like, (x, h, post, f))))
+
+    @fake("hf_jpmhc::read_streams")
+    def _(x, phi, alpha, bias, segment, n_post, pre_eps, norm_eps, kind, iters, newton_steps, table):
+        n, r = x.shape[-2], phi.shape[0] - x.shape[-2] - n_post
+        mix = lead(x, r) if kind == MIXER_KINDS["logits"] else lead(x, n, n)
+        return lead(x, x.shape[-1]), lead(x, n_post), mix
 
 
 def _library_for(tensors: tuple, shapes: tuple):
-    """The extension when every tensor is float32 on CPU with the per-token shape the loops index by (callers pass
-    them contiguous), else None: the caller falls back to inductor."""
+    """The ops when every tensor is float32 on CPU with the per-token shape the loops index by (callers pass them
+    contiguous), else None: the caller falls back to inductor."""
     for tensor, shape in zip(tensors, shapes, strict=True):  # a loop: at one token its cost is not negligible
         if not (tensor.is_cpu and tensor.dtype == torch.float32 and tensor.shape == shape):
             return None
-    return _library()
+    return OPS
 
 
-def collapse_streams(streams, weights):
-    lib = _library_for((streams, weights), (streams.shape, streams.shape[:-1]))
-    return None if lib is None else lib.collapse(streams, weights).view(streams.shape[:-2] + streams.shape[-1:])
+@functools.cache
+def _segment(split_sizes: tuple[int, int, int]) -> torch.Tensor:
+    return stream_passes.segment_index(split_sizes)
 
 
-def projection_and_rstd(streams, phi, eps):
-    lib = _library_for((streams, phi), (streams.shape, (phi.shape[0], streams.shape[-2] * streams.shape[-1])))
-    if lib is None:
-        return None
-    zlin, rstd = lib.projection(streams, phi, eps)
-    return zlin.view(streams.shape[:-2] + (-1,)), rstd.view(streams.shape[:-2] + (1,))
-
-
-def _mixer_kind(mixer) -> tuple[int, int, int] | None:
-    """(MixerKind, iters, newton_steps) of the mixers whose maths ``read_streams`` has in C++ (no mixer: 0, the
-    logits θ themselves), or None for any other mixer."""
-    if mixer is None:
-        return 0, 0, 0
-    if type(mixer) is SinkhornMixer and mixer.eps == 0:
-        return 1, mixer.iters, mixer.newton_steps
-    if type(mixer) is StiefelMixer and mixer.method == "solve":
-        return 2, 0, 0
-    return (3, 0, 0) if type(mixer) is KroneckerMixer else None
-
-
-def read_streams(streams, phi, alpha, bias, split_sizes, pre_eps, norm_eps, mixer=None):
-    kind = _mixer_kind(mixer)
-    n, c, m = *streams.shape[-2:], phi.shape[0]
-    lib = None if kind is None else _library_for((streams, phi, alpha, bias), (streams.shape, (m, n * c), (3,), (m,)))
-    if lib is None:
-        return None
-    return tuple(lib.read_streams(streams, phi, alpha, bias, split_sizes[1], pre_eps, norm_eps, *kind))
-
-
-def row_dot(vector, rows):
-    lib = _library_for((vector, rows), (rows.shape[:-2] + rows.shape[-1:], rows.shape))
-    return None if lib is None else lib.row_dot(vector, rows).view(rows.shape[:-1])
-
-
-def read_backward_streams(streams, pre, grad_u, kappa, g, phi):
-    lead, (n, c), m = streams.shape[:-2], streams.shape[-2:], phi.shape[0]
-    shapes = (streams.shape, lead + (n,), lead + (c,), lead + (1,), lead + (m,), (m, n * c))
-    lib = _library_for((streams, pre, grad_u, kappa, g, phi), shapes)
-    return None if lib is None else tuple(lib.read_backward(streams, pre, grad_u, kappa, g, phi))
+_NO_TABLE = torch.empty(0, dtype=torch.int64)
 
 
 def _update_shapes(streams) -> tuple:
@@ -126,11 +147,52 @@ def _update_shapes(streams) -> tuple:
     return streams.shape, lead + (n, n), lead + (n,), lead + (c,)
 
 
-def update_streams(streams, mixer, post, branch):
-    lib = _library_for((streams, mixer, post, branch), _update_shapes(streams))
-    return None if lib is None else lib.update(streams, mixer, post, branch)
+class NativePasses:
+    """The C++ loop of each pass of ``StreamPasses`` that has one, with its signature; None where it does not apply."""
 
+    @staticmethod
+    def collapse_streams(streams, weights):
+        ops = _library_for((streams, weights), (streams.shape, streams.shape[:-1]))
+        return None if ops is None else ops.collapse(streams, weights)
 
-def stream_update_grads(streams, mixer, post, branch, grad_out):
-    lib = _library_for((streams, mixer, post, branch, grad_out), _update_shapes(streams) + (streams.shape,))
-    return None if lib is None else tuple(lib.update_backward(streams, mixer, post, branch, grad_out))
+    @staticmethod
+    def projection_and_rstd(streams, phi, eps):
+        ops = _library_for((streams, phi), (streams.shape, (phi.shape[0], streams.shape[-2] * streams.shape[-1])))
+        return None if ops is None else ops.projection(streams, phi, eps)
+
+    @staticmethod
+    def row_dot(vector, rows):
+        ops = _library_for((vector, rows), (rows.shape[:-2] + rows.shape[-1:], rows.shape))
+        return None if ops is None else ops.row_dot(vector, rows)
+
+    @staticmethod
+    def read_backward_streams(streams, pre, grad_u, kappa, g, phi):
+        lead, (n, c), m = streams.shape[:-2], streams.shape[-2:], phi.shape[0]
+        shapes = (streams.shape, lead + (n,), lead + (c,), lead + (1,), lead + (m,), (m, n * c))
+        ops = _library_for((streams, pre, grad_u, kappa, g, phi), shapes)
+        return None if ops is None else ops.read_backward(streams, pre, grad_u, kappa, g, phi)
+
+    @staticmethod
+    def read_streams(streams, phi, alpha, bias, split_sizes, pre_eps, norm_eps, mixer=None):
+        kernel = ("logits",) if mixer is None else mixer.kernel("cpu")
+        if kernel is None:
+            return None
+        name, *args = kernel  # ("sinkhorn", iters, newton_steps), ("cayley", skew_pairs), ("kronecker", same_bit)
+        iters, newton_steps = args if name == "sinkhorn" else (0, 0)
+        table = args[0] if name in ("cayley", "kronecker") else _NO_TABLE
+        n, c, m = *streams.shape[-2:], phi.shape[0]
+        ops = _library_for((streams, phi, alpha, bias), (streams.shape, (m, n * c), (3,), (m,)))
+        if ops is None or table.device.type != "cpu":
+            return None
+        return ops.read_streams(streams, phi, alpha, bias, _segment(tuple(split_sizes)), split_sizes[1], pre_eps,
+                                norm_eps, MIXER_KINDS[name], iters, newton_steps, table)  # fmt: skip
+
+    @staticmethod
+    def update_streams(streams, mixer, post, branch):
+        ops = _library_for((streams, mixer, post, branch), _update_shapes(streams))
+        return None if ops is None else ops.update(streams, mixer, post, branch)
+
+    @staticmethod
+    def stream_update_grads(streams, mixer, post, branch, grad_out):
+        ops = _library_for((streams, mixer, post, branch, grad_out), _update_shapes(streams) + (streams.shape,))
+        return None if ops is None else ops.update_backward(streams, mixer, post, branch, grad_out)

@@ -4,7 +4,14 @@
 // those of hf_jpmhc/models/hyper_connection.py and mixers.py (the torch references); tokens are rows, X is
 // (T, n, C) contiguous, Φ is (M, nC). Tokens are split over at::parallel_for's threads; inner loops over C are
 // vectorised by the compiler (omp simd), the read's backward explicitly (GCC/Clang vector extensions, in registers).
+// Each function is a registered torch op (torch.ops.hf_jpmhc.*), shaped like its torch reference's outputs.
+//
+// The numerical constants (HF_*) are not defined here: hf_jpmhc/ops/cpu/__init__.py passes them as -D flags from
+// their one definition in Python (hf_jpmhc/models/sinkhorn.py, stream_passes.py; the mixer kinds in ops/cpu), so
+// changing one there rebuilds this file with it. The mixers' index tables (the skew logits' (i, j), Kronecker's
+// factor bits) arrive as arguments, from the mixers' own buffers.
 #include <torch/extension.h>
+#include <torch/library.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -45,11 +52,18 @@ void check(const torch::Tensor& t, const char* name, int64_t numel) {
 
 }  // namespace
 
-// u = Σ_s w_s X_s per token: (T, n, C), (T, n) → (T, C).
+// X's leading (token) sizes followed by ``tail``.
+std::vector<int64_t> lead_then(const torch::Tensor& X, std::vector<int64_t> tail) {
+  const auto lead = X.sizes().slice(0, X.dim() - 2);
+  tail.insert(tail.begin(), lead.begin(), lead.end());
+  return tail;
+}
+
+// u = Σ_s w_s X_s per token: (…, n, C), (…, n) → (…, C).
 torch::Tensor collapse(const torch::Tensor& X, const torch::Tensor& weights) {
   const int64_t n = X.size(-2), C = X.size(-1), T = X.numel() / (n * C);
   check(X, "X", T * n * C), check(weights, "weights", T * n);
-  auto out = torch::empty({T, C}, X.options());
+  auto out = torch::empty(lead_then(X, {C}), X.options());
   const float *x = X.data_ptr<float>(), *wt = weights.data_ptr<float>();
   float* u = out.data_ptr<float>();
   at::parallel_for(0, T, kGrain, [&](int64_t begin, int64_t end) {
@@ -70,11 +84,11 @@ torch::Tensor collapse(const torch::Tensor& X, const torch::Tensor& weights) {
   return out;
 }
 
-// ⟨v, X_s⟩ per token and stream: (T, C), (T, n, C) → (T, n) (the collapse's ∂pre, ∂u · X).
+// ⟨v, X_s⟩ per token and stream: (…, C), (…, n, C) → (…, n) (the collapse's ∂pre, ∂u · X).
 torch::Tensor row_dot(const torch::Tensor& v, const torch::Tensor& X) {
   const int64_t n = X.size(-2), C = X.size(-1), T = X.numel() / (n * C);
   check(v, "v", T * C), check(X, "X", T * n * C);
-  auto out = torch::empty({T, n}, X.options());
+  auto out = torch::empty(lead_then(X, {n}), X.options());
   const float *vp = v.data_ptr<float>(), *x = X.data_ptr<float>();
   float* o = out.data_ptr<float>();
   at::parallel_for(0, T, kGrain, [&](int64_t begin, int64_t end) {
@@ -106,12 +120,12 @@ torch::Tensor panels_of(const torch::Tensor& phi, int64_t rows) {
 //   rstd = (mean x² + eps)^(-1/2)        zlin = (x Φᵀ) · rstd
 // A register tile of kTileTokens tokens × kTileRows rows of Φ accumulates one vector of partial dot products each
 // over all column panels (the tokens' x stays in cache across the row tiles); lanes are summed at the end.
-std::vector<torch::Tensor> projection(const torch::Tensor& X, const torch::Tensor& phi, double eps) {
+std::tuple<torch::Tensor, torch::Tensor> projection(const torch::Tensor& X, const torch::Tensor& phi, double eps) {
   constexpr int64_t kTileTokens = 4, kTileRows = 4;
   const int64_t K = X.size(-2) * X.size(-1), T = X.numel() / K, M = phi.size(0);
   check(X, "X", T * K), check(phi, "phi", M * K);
-  auto zlin = torch::empty({T, M}, X.options()), rstd = torch::empty({T, 1}, X.options());
-  if (T < 8) {  // decoding: Φ row by row as it lies (1 thread, in cache: packing Φ ≈ 20 µs, a token's product 3.4)
+  auto zlin = torch::empty(lead_then(X, {M}), X.options()), rstd = torch::empty(lead_then(X, {1}), X.options());
+  if (T < HF_FEW_TOKENS) {  // decoding: Φ row by row as it lies (1 thread, in cache: packing Φ ≈ 20 µs, a token 3.4)
     const float *x = X.data_ptr<float>(), *w = phi.data_ptr<float>();
     float *z = zlin.data_ptr<float>(), *rs = rstd.data_ptr<float>();
     for (int64_t t = 0; t < T; ++t) {
@@ -177,7 +191,9 @@ std::vector<torch::Tensor> projection(const torch::Tensor& X, const torch::Tenso
 
 namespace {
 
-enum MixerKind : int64_t { kLogits = 0, kSinkhorn = 1, kCayley = 2, kKronecker = 3 };
+enum MixerKind : int64_t {  // the codes of hf_jpmhc/ops/cpu/__init__.py's MIXER_KINDS
+  kLogits = HF_MIXER_LOGITS, kSinkhorn = HF_MIXER_SINKHORN, kCayley = HF_MIXER_CAYLEY, kKronecker = HF_MIXER_KRONECKER
+};
 
 // a⁻¹ b in place (b gets the result), a (m, m) and b (m, k) row-major: Gauss–Jordan without pivoting, as
 // mixers.solve_small under torch.compile (the systems' symmetric parts are positive definite).
@@ -221,13 +237,12 @@ void normalise_columns(double* p, int64_t n) {
   }
 }
 
-// mixers.sinkhorn_iterate with eps = 0 (CPU, no autograd): a log-domain first round in float32, division rounds
-// in float64 that stop at NEWTON_BASIN (with ≥ NEWTON_FROM_BASIN polish steps to follow) or at 8 ulp of float32,
-// tested before the first and every fourth, then the Newton polish (sinkhorn_newton) to 8 ulp of float64.
-// scratch: 2n² + 2n doubles.
+// sinkhorn.sinkhorn_iterate with eps = 0 (CPU, no autograd): a log-domain first round in float32, division rounds
+// in float64 that stop at NEWTON_BASIN (with ≥ NEWTON_FROM_BASIN polish steps to follow) or at EARLY_EXIT_ULPS ulp
+// of float32, tested before the first and every ROUND_CHECK_EVERY, then the Newton polish (sinkhorn_newton) to
+// EARLY_EXIT_ULPS ulp of float64. scratch: 2n² + 2n doubles.
 void sinkhorn(const float* theta, float* h, int64_t n, int64_t iters, int64_t newton_steps, double* scratch) {
-  constexpr double kBasin = 2e-2, kRidge = 1e-9;  // mixers.NEWTON_BASIN, _scaling_solve's ridge
-  constexpr int64_t kFromBasin = 4;              // mixers.NEWTON_FROM_BASIN
+  constexpr double kRidge = HF_SCALING_RIDGE;
   double *p = scratch, *schur = p + n * n, *f = schur + n * n, *rows = f + n;
   float* log_p = reinterpret_cast<float*>(schur);  // the first round's float32 logs, before the polish needs it
   for (int64_t s = 0; s < n; ++s) {  // rows: log_softmax over t
@@ -246,9 +261,10 @@ void sinkhorn(const float* theta, float* h, int64_t n, int64_t iters, int64_t ne
     const float lse = top + std::log(sum);
     for (int64_t s = 0; s < n; ++s) p[s * n + t] = std::exp(static_cast<double>(log_p[s * n + t] - lse));
   }
-  const double tol = newton_steps >= kFromBasin ? kBasin : 8 * std::numeric_limits<float>::epsilon();
+  const double tol = newton_steps >= HF_NEWTON_FROM_BASIN ? HF_NEWTON_BASIN
+                                                         : HF_EARLY_EXIT_ULPS * std::numeric_limits<float>::epsilon();
   for (int64_t i = 0; i < iters - 1; ++i) {
-    if (i % 4 == 0 && row_error(p, n) <= tol) break;
+    if (i % HF_ROUND_CHECK_EVERY == 0 && row_error(p, n) <= tol) break;
     normalise_rows(p, n), normalise_columns(p, n);
   }
   if (newton_steps > 0) normalise_columns(p, n);
@@ -260,7 +276,7 @@ void sinkhorn(const float* theta, float* h, int64_t n, int64_t iters, int64_t ne
       f[i] = 1.0 - rows[i];
       err = std::max(err, std::abs(f[i]));
     }
-    if (err <= 8 * std::numeric_limits<double>::epsilon()) break;
+    if (err <= HF_EARLY_EXIT_ULPS * std::numeric_limits<double>::epsilon()) break;
     for (int64_t i = 0; i < n; ++i)
       for (int64_t j = 0; j < n; ++j) {
         double pp = 0.0;
@@ -269,7 +285,7 @@ void sinkhorn(const float* theta, float* h, int64_t n, int64_t iters, int64_t ne
       }
     solve_small(schur, f, n, 1);
     for (int64_t s = 0; s < n; ++s) {
-      const double scale = std::exp(std::clamp(f[s], -2.0, 2.0));
+      const double scale = std::exp(std::clamp(f[s], -HF_NEWTON_STEP_CLAMP, HF_NEWTON_STEP_CLAMP));
       for (int64_t t = 0; t < n; ++t) p[s * n + t] *= scale;
     }
     normalise_columns(p, n);
@@ -277,74 +293,78 @@ void sinkhorn(const float* theta, float* h, int64_t n, int64_t iters, int64_t ne
   for (int64_t k = 0; k < n * n; ++k) h[k] = static_cast<float>(p[k]);
 }
 
-// mixers.cayley on A = Σ_k θ_k (E_ij − E_ji) over the strict upper triangle (skew_basis): (I − A/2)⁻¹(I + A/2) in
+// cayley.cayley on A = Σ_k θ_k (E_ij − E_ji), (i, j) = pairs[k] (cayley.skew_pairs): (I − A/2)⁻¹(I + A/2) in
 // float64. scratch: 2n² doubles.
-void cayley(const float* theta, float* h, int64_t n, double* scratch) {
+void cayley(const float* theta, const int64_t* pairs, float* h, int64_t n, double* scratch) {
   double *lhs = scratch, *rhs = scratch + n * n;
+  std::fill(scratch, scratch + 2 * n * n, 0.0);
   for (int64_t i = 0; i < n; ++i) lhs[i * n + i] = rhs[i * n + i] = 1.0;
-  for (int64_t i = 0, k = 0; i < n; ++i)
-    for (int64_t j = i + 1; j < n; ++j, ++k) {
-      const double half = static_cast<double>(theta[k]) / 2;
-      lhs[i * n + j] = -half, lhs[j * n + i] = half, rhs[i * n + j] = half, rhs[j * n + i] = -half;
-    }
+  for (int64_t k = 0; k < n * (n - 1) / 2; ++k) {
+    const int64_t i = pairs[2 * k], j = pairs[2 * k + 1];
+    const double half = static_cast<double>(theta[k]) / 2;
+    lhs[i * n + j] = -half, lhs[j * n + i] = half, rhs[i * n + j] = half, rhs[j * n + i] = -half;
+  }
   solve_small(lhs, rhs, n, n);
   for (int64_t k = 0; k < n * n; ++k) h[k] = static_cast<float>(rhs[k]);
 }
 
-// KroneckerMixer: H[s, t] = Π_k (p_k if s and t agree in bit k else 1 − p_k), p = σ(θ), bit 1 the most significant.
-void kronecker(const float* theta, float* h, int64_t n) {
-  int64_t bits = 0;
-  float p[64];  // n = 2^bits fits in int64_t
-  for (; (int64_t{1} << bits) < n; ++bits) p[bits] = 1.f / (1.f + std::exp(-theta[bits]));
-  for (int64_t s = 0; s < n; ++s)
-    for (int64_t t = 0; t < n; ++t) {
-      float a = 1.f;
-      for (int64_t k = 0; k < bits; ++k) a *= ((s ^ t) >> (bits - 1 - k)) & 1 ? 1.f - p[k] : p[k];
-      h[s * n + t] = a;
-    }
+// KroneckerMixer: H[s, t] = Π_k (p_k if same[s, t, k] else 1 − p_k), p = σ(θ), same = the mixer's same_bit (n, n, K).
+void kronecker(const float* theta, const bool* same, float* h, int64_t n, int64_t factors) {
+  float p[64];  // n = 2^factors fits in int64_t
+  for (int64_t k = 0; k < factors; ++k) p[k] = 1.f / (1.f + std::exp(-theta[k]));
+  for (int64_t st = 0; st < n * n; ++st) {
+    float a = 1.f;
+    for (int64_t k = 0; k < factors; ++k) a *= same[st * factors + k] ? p[k] : 1.f - p[k];
+    h[st] = a;
+  }
 }
 
 }  // namespace
 
-// read_streams: z = α · RMSNorm(flatten X) Φᵀ + b; pre = σ(z_pre) + pre_eps, post = 2σ(z_post), θ = z_res;
-// u = Σ_s pre_s X_s; and the mixer's H(θ) (kind ≠ kLogits) or θ itself. X (…, n, C) → u (…, C), post (…, n_post),
-// H (…, n, n) or θ (…, r): shaped here, since at one token a view from Python costs as much as this whole call.
-std::vector<torch::Tensor> read_streams(const torch::Tensor& X, const torch::Tensor& phi, const torch::Tensor& alpha,
-                                        const torch::Tensor& bias, int64_t n_post, double pre_eps, double norm_eps,
-                                        int64_t kind, int64_t iters, int64_t newton_steps) {
+// read_streams: z = α_seg · RMSNorm(flatten X) Φᵀ + b, each row m of z in segment[m] (0 pre, 1 post, 2 res, its α
+// alpha[segment[m]]); pre = σ(z_pre) + pre_eps, post = 2σ(z_post), θ = z_res; u = Σ_s pre_s X_s; and the mixer's
+// H(θ) (kind ≠ logits, with its index table) or θ itself. X (…, n, C) → u (…, C), post (…, n_post), H (…, n, n) or
+// θ (…, r): shaped here, since at one token a view from Python costs as much as this whole call.
+std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> read_streams(
+    const torch::Tensor& X, const torch::Tensor& phi, const torch::Tensor& alpha, const torch::Tensor& bias,
+    const torch::Tensor& segment, int64_t n_post, double pre_eps, double norm_eps, int64_t kind, int64_t iters,
+    int64_t newton_steps, const torch::Tensor& table) {
   const int64_t n = X.size(-2), C = X.size(-1), T = X.numel() / (n * C), M = phi.size(0), r = M - n - n_post;
   check(alpha, "alpha", 3), check(bias, "bias", M);
+  TORCH_CHECK(segment.scalar_type() == torch::kInt64 && segment.is_contiguous() && segment.numel() == M,
+              "segment must be a contiguous int64 tensor with one entry per row of phi");
   const bool fits = kind == kLogits     ? r >= 0
                     : kind == kSinkhorn ? r == n * n
-                    : kind == kCayley   ? r == n * (n - 1) / 2
-                                        : kind == kKronecker && r >= 0 && (int64_t{1} << r) == n;
+                    : kind == kCayley   ? r == n * (n - 1) / 2 && table.numel() == 2 * r &&
+                                            table.scalar_type() == torch::kInt64 && table.is_contiguous()
+                                        : kind == kKronecker && table.numel() == n * n * r &&
+                                            table.scalar_type() == torch::kBool && table.is_contiguous();
   TORCH_CHECK(fits, "read_streams: ", r, " mixer logits do not fit mixer kind ", kind, " with ", n, " streams");
-  auto zlin = projection(X, phi, norm_eps)[0];  // (T, M), checks X and Φ
-  const auto lead = X.sizes().slice(0, X.dim() - 2);
-  auto shaped = [&](std::vector<int64_t> tail) {
-    tail.insert(tail.begin(), lead.begin(), lead.end());
-    return tail;
-  };
-  auto pre = torch::empty({T, n}, X.options()), post = torch::empty(shaped({n_post}), X.options());
-  auto mix = torch::empty(kind == kLogits ? shaped({r}) : shaped({n, n}), X.options());
+  auto zlin = std::get<0>(projection(X, phi, norm_eps));  // (…, M), checks X and Φ
+  auto pre = torch::empty(lead_then(X, {n}), X.options()), post = torch::empty(lead_then(X, {n_post}), X.options());
+  auto mix = torch::empty(kind == kLogits ? lead_then(X, {r}) : lead_then(X, {n, n}), X.options());
   const float *zl = zlin.data_ptr<float>(), *a = alpha.data_ptr<float>(), *b = bias.data_ptr<float>();
+  const int64_t* seg = segment.data_ptr<int64_t>();
   float *pr = pre.data_ptr<float>(), *po = post.data_ptr<float>(), *hm = mix.data_ptr<float>();
   at::parallel_for(0, T, kGrain, [&](int64_t begin, int64_t end) {
-    std::vector<float> z(M);
+    std::vector<float> theta(std::max<int64_t>(r, 1));
     std::vector<double> scratch(2 * n * n + 2 * n);  // every entry a mixer reads it has written first
     for (int64_t t = begin; t < end; ++t) {
-      for (int64_t m = 0; m < M; ++m) z[m] = b[m] + zl[t * M + m] * a[m < n ? 0 : m < n + n_post ? 1 : 2];
-      for (int64_t s = 0; s < n; ++s) pr[t * n + s] = 1.f / (1.f + std::exp(-z[s])) + static_cast<float>(pre_eps);
-      for (int64_t s = 0; s < n_post; ++s) po[t * n_post + s] = 2.f / (1.f + std::exp(-z[n + s]));
-      const float* theta = z.data() + n + n_post;
+      float *pt = pr + t * n, *qt = po + t * n_post, *th = theta.data();
+      for (int64_t m = 0; m < M; ++m) {
+        const float z = b[m] + zl[t * M + m] * a[seg[m]];
+        if (seg[m] == 0) *pt++ = 1.f / (1.f + std::exp(-z)) + static_cast<float>(pre_eps);
+        else if (seg[m] == 1) *qt++ = 2.f / (1.f + std::exp(-z));
+        else *th++ = z;
+      }
       float* h = hm + t * (kind == kLogits ? r : n * n);
-      if (kind == kLogits) std::copy(theta, theta + r, h);
-      else if (kind == kSinkhorn) sinkhorn(theta, h, n, iters, newton_steps, scratch.data());
-      else if (kind == kCayley) cayley(theta, h, n, scratch.data());
-      else kronecker(theta, h, n);
+      if (kind == kLogits) std::copy(theta.begin(), theta.begin() + r, h);
+      else if (kind == kSinkhorn) sinkhorn(theta.data(), h, n, iters, newton_steps, scratch.data());
+      else if (kind == kCayley) cayley(theta.data(), table.data_ptr<int64_t>(), h, n, scratch.data());
+      else kronecker(theta.data(), table.data_ptr<bool>(), h, n, r);
     }
   });
-  return {collapse(X, pre).view(shaped({C})), post, mix};
+  return {collapse(X, pre), post, mix};
 }
 
 // The read's ∂X and ∂Φ in one pass (HyperConnectionRead.backward), x = flatten(X):
@@ -352,8 +372,9 @@ std::vector<torch::Tensor> read_streams(const torch::Tensor& X, const torch::Ten
 // Register-blocked over kBlock tokens and one vector of columns: the block's x and ∂X vectors stay in registers
 // over all M rows, each of which loads one vector of Φ and updates one of ∂Φ, two FMAs per token and load.
 // Each thread sums its tokens' ∂Φ in its own buffer; the buffers are added at the end.
-std::vector<torch::Tensor> read_backward(const torch::Tensor& X, const torch::Tensor& pre, const torch::Tensor& grad_u,
-                                         const torch::Tensor& kappa, const torch::Tensor& g, const torch::Tensor& phi) {
+std::tuple<torch::Tensor, torch::Tensor> read_backward(const torch::Tensor& X, const torch::Tensor& pre,
+                                                      const torch::Tensor& grad_u, const torch::Tensor& kappa,
+                                                      const torch::Tensor& g, const torch::Tensor& phi) {
   const int64_t n = X.size(-2), C = X.size(-1), K = n * C, T = X.numel() / K, M = phi.size(0);
   check(X, "X", T * K), check(pre, "pre", T * n), check(grad_u, "grad_u", T * C), check(kappa, "kappa", T);
   check(g, "g", T * M), check(phi, "phi", M * K);
@@ -458,8 +479,9 @@ torch::Tensor update(const torch::Tensor& X, const torch::Tensor& H, const torch
 
 // The update's backward in one pass per token (stream_update_grads), with dY = ∂X':
 //   ∂X_s = Σ_j H[s, j] dY_j     ∂H[s, j] = ⟨X_s, dY_j⟩     ∂post_j = ⟨f, dY_j⟩     ∂f = Σ_j post_j dY_j
-std::vector<torch::Tensor> update_backward(const torch::Tensor& X, const torch::Tensor& H, const torch::Tensor& post,
-                                           const torch::Tensor& f, const torch::Tensor& grad_out) {
+std::tuple<torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor> update_backward(
+    const torch::Tensor& X, const torch::Tensor& H, const torch::Tensor& post, const torch::Tensor& f,
+    const torch::Tensor& grad_out) {
   const int64_t n = X.size(-2), C = X.size(-1), T = X.numel() / (n * C);
   check(X, "X", T * n * C), check(H, "H", T * n * n), check(post, "post", T * n), check(f, "f", T * C);
   check(grad_out, "grad_out", T * n * C);
@@ -504,12 +526,27 @@ std::vector<torch::Tensor> update_backward(const torch::Tensor& X, const torch::
   return {dX, dH, dP, dF};
 }
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("collapse", &collapse);
-  m.def("projection", &projection);
-  m.def("read_streams", &read_streams);
-  m.def("row_dot", &row_dot);
-  m.def("read_backward", &read_backward);
-  m.def("update", &update);
-  m.def("update_backward", &update_backward);
+// The constants this library was built with, in hf_jpmhc/ops/cpu/__init__.py's NUMERICS order (a test compares).
+std::vector<double> numerics() { return {HF_NUMERICS}; }
+
+TORCH_LIBRARY(hf_jpmhc, m) {
+  m.def("collapse(Tensor x, Tensor weights) -> Tensor");
+  m.def("row_dot(Tensor v, Tensor x) -> Tensor");
+  m.def("projection(Tensor x, Tensor phi, float eps) -> (Tensor, Tensor)");
+  m.def("read_streams(Tensor x, Tensor phi, Tensor alpha, Tensor bias, Tensor segment, int n_post, float pre_eps, "
+        "float norm_eps, int kind, int iters, int newton_steps, Tensor table) -> (Tensor, Tensor, Tensor)");
+  m.def("read_backward(Tensor x, Tensor pre, Tensor grad_u, Tensor kappa, Tensor g, Tensor phi) -> (Tensor, Tensor)");
+  m.def("update(Tensor x, Tensor h, Tensor post, Tensor f) -> Tensor");
+  m.def("update_backward(Tensor x, Tensor h, Tensor post, Tensor f, Tensor grad_out) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("numerics() -> float[]", &numerics);
+}
+
+TORCH_LIBRARY_IMPL(hf_jpmhc, CPU, m) {
+  m.impl("collapse", &collapse);
+  m.impl("row_dot", &row_dot);
+  m.impl("projection", &projection);
+  m.impl("read_streams", &read_streams);
+  m.impl("read_backward", &read_backward);
+  m.impl("update", &update);
+  m.impl("update_backward", &update_backward);
 }

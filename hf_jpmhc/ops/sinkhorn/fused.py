@@ -2,9 +2,9 @@
 
 What is fused: all ``iters`` rounds of ``log P ← log P − lse_rows; log P ← log P − lse_cols`` for a block of
 BLOCK_B matrices (n ≤ 8, padded to a power of two) stay in registers — θ is read once and log P written
-once, instead of 2·iters passes through memory. What is not: the Newton polish (``mixers.sinkhorn_newton``,
-batched n×n float64 solves) and the implicit backward (``mixers.sinkhorn_implicit_grad``, the adjoint solve
-of SPEC §2) are the torch code of ``mixers.py``, called unchanged. Saved for backward: P only, so the
+once, instead of 2·iters passes through memory. What is not: the Newton polish (``hf_jpmhc.models.sinkhorn.sinkhorn_newton``,
+batched n×n float64 solves) and the implicit backward (``sinkhorn_implicit_grad``, the adjoint solve
+of SPEC §2) are the torch code of ``hf_jpmhc/models/sinkhorn.py``, called unchanged. Saved for backward: P only, so the
 memory does not depend on ``iters``.
 """
 
@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from .._backend import next_pow2
-from .naive import matrix_first, matrix_last, sinkhorn_implicit_grad, sinkhorn_newton
+from hf_jpmhc.models.sinkhorn import matrix_first, matrix_last, sinkhorn_implicit_grad, sinkhorn_newton
 
 BLOCK_B = 16
 

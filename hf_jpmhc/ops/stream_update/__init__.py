@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from hf_jpmhc.models.stream_passes import StreamPasses, StreamUpdate
+
 from .._backend import device_guard, resolve_backend
 from .naive import update_streams_reference
 
@@ -16,7 +18,7 @@ def update_streams(streams: torch.Tensor, mixer: torch.Tensor, post: torch.Tenso
 
         with device_guard(streams):
             return update_streams_triton(streams, mixer, post, branch)
-    return update_streams_reference(streams, mixer, post, branch)
+    return StreamUpdate.apply(streams, mixer, post, branch, StreamPasses)
 
 
 __all__ = ["update_streams", "update_streams_reference"]
