@@ -110,9 +110,13 @@ def assert_same_curve(actual: dict[int, float], expected: dict[int, float]) -> N
 
 @launches
 def test_fsdp_stiefel_matches_one_process(fsdp_stiefel, uninterrupted):
+    """Also the H dynamics logged at every step (``hf_jpmhc.diagnostics.dynamics``, which reads each hyper-connection's
+    parameters after its read: ``training.common.float32_units_gathered``)."""
     output_dir, run = fsdp_stiefel
     assert len(curve(output_dir)) == MAX_STEPS
     assert_same_curve(curve(output_dir), curve(uninterrupted[0]))
+    for metric in ("hc/h_dist_init", "hc/h_norm", "hc/orth_residual", "hc/alpha_res", "hc/amax"):
+        assert_same_curve(curve(output_dir, metric), curve(uninterrupted[0], metric))
     assert_sharded_per_layer(run, "model.layers", num_layers=2)
     assert "model.stream_collapse" in run.fsdp_units
     checkpoint = output_dir / "checkpoints" / f"{CHECKPOINT_PREFIX}{MAX_STEPS}"

@@ -35,6 +35,7 @@ Guarantees:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -297,6 +298,29 @@ def float32_units(model: torch.nn.Module, plugin) -> None:
             for method in ("read", "write"):
                 if hasattr(module, method):
                     register_fsdp_forward_method(module, method)
+
+
+@contextlib.contextmanager
+def float32_units_gathered(accelerator: Accelerator, model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """``with float32_units_gathered(accelerator, model) as model:`` — under FSDP2 the float32 units
+    (``float32_units``) keep their parameters gathered from their first use in the block to its end, then are
+    sharded again; a no-op otherwise (collective).
+
+    The H-dynamics monitor reads each hyper-connection's parameters after its ``read`` has returned
+    (``hf_jpmhc.diagnostics.dynamics``), when FSDP would already have sharded them again.
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    keep = set(getattr(model, "_keep_in_fp32_modules_strict", None) or ())
+    units = [m for name, m in model.named_modules() if name.rpartition(".")[2] in keep and isinstance(m, FSDPModule)]
+    for unit in units:
+        unit.set_reshard_after_forward(False, recurse=False)
+    try:
+        yield model
+    finally:
+        for unit in units:
+            unit.reshard()
+            unit.set_reshard_after_forward(accelerator.state.fsdp_plugin.reshard_after_forward, recurse=False)
 
 
 def tensorboard_available() -> bool:
@@ -572,7 +596,8 @@ def train_loop(
                 record["grad_norm"] = float(grad_norm)
             if monitor is not None:
                 start = time.perf_counter()
-                record.update(monitor(accelerator.unwrap_model(model), state.step))
+                with float32_units_gathered(accelerator, accelerator.unwrap_model(model)) as unwrapped:
+                    record.update(monitor(unwrapped, state.step))
                 record["monitor_seconds"] = time.perf_counter() - start
             progress.set_postfix(loss=f"{record['loss']:.4f}")
         if evaluate is not None and (state.step == max_steps or (eval_every and state.step % eval_every == 0)):
