@@ -113,10 +113,10 @@ def record_computation(run: TrainingRun, model: torch.nn.Module) -> None:
     its submodules (the mixer) run, inside ``read``, where FSDP has gathered its parameters."""
     from torch.distributed.fsdp import FSDPModule
 
+    from training.common import float32_modules
+
     run.fsdp_units = [name for name, module in model.named_modules() if isinstance(module, FSDPModule)]
-    keep = set(getattr(model, "_keep_in_fp32_modules_strict", None) or ())
-    float32_modules = [m for name, m in model.named_modules() if name.rpartition(".")[2] in keep]
-    owner = {sub: module for module in float32_modules for sub in module.modules()}
+    owner = {sub: module for module in float32_modules(model) for sub in module.modules()}
 
     def hook(module, args):
         if module in owner:

@@ -169,8 +169,8 @@ def build_accelerator(
     """An ``Accelerator`` with gradient accumulation, a mixed-precision flag, seedable data order and split batches.
 
     ``mixed_precision`` is "no", "fp16" or "bf16" (autocast, or under FSDP2 the cast of its ``MixedPrecisionPolicy``;
-    master weights stay float32). The data order
-    of epoch e is seeded by ``seed + e``; TensorBoard logs go to ``output_dir/logs`` when it is installed.
+    master weights stay float32). The data order of epoch e is seeded by ``seed + e``; TensorBoard logs go to
+    ``output_dir/logs`` when it is installed.
     On a machine with no accelerator device, ``cpu=True`` lets processes started by ``accelerate launch
     --multi_gpu`` (torchrun) join a gloo process group: Accelerate only forms a CPU group when told ``cpu``;
     a launch with an FSDP config (``training/configs/fsdp_cpu.yaml``) then shards with FSDP2 on CPU
@@ -254,7 +254,7 @@ def prepare_fsdp_units(accelerator: Accelerator, model: torch.nn.Module) -> torc
 
     * ``float32_units``: the modules kept in float32 get their own units that never cast their parameters.
     * ``layer_classes_without_the_input_embedding``: a class holding the input embedding (ViT's ``ViTEmbeddings``)
-      is left out of the layer classes; Accelerate (1.16) would wrap it and then wrap the embedding inside it again,
+      is left out of the layer classes; Accelerate (>= 1.14) would wrap it and then wrap the embedding inside it again,
       which ``fully_shard`` refuses — any ViT, ours or transformers', fails so. The embedding gets its own unit;
       the rest of that module (CLS token, position embeddings) stays with the model's.
     """
@@ -291,13 +291,18 @@ def float32_units(model: torch.nn.Module, plugin) -> None:
     """
     from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
+    for module in float32_modules(model):
+        fully_shard(module, reshard_after_forward=plugin.reshard_after_forward, offload_policy=plugin.cpu_offload)
+        for method in ("read", "write"):
+            if hasattr(module, method):
+                register_fsdp_forward_method(module, method)
+
+
+def float32_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The submodules ``model`` keeps in float32: those named (last name component) in
+    ``_keep_in_fp32_modules_strict``."""
     keep = set(getattr(model, "_keep_in_fp32_modules_strict", None) or ())
-    for name, module in model.named_modules():
-        if name.rpartition(".")[2] in keep:
-            fully_shard(module, reshard_after_forward=plugin.reshard_after_forward, offload_policy=plugin.cpu_offload)
-            for method in ("read", "write"):
-                if hasattr(module, method):
-                    register_fsdp_forward_method(module, method)
+    return [module for name, module in model.named_modules() if name.rpartition(".")[2] in keep]
 
 
 @contextlib.contextmanager
@@ -311,8 +316,7 @@ def float32_units_gathered(accelerator: Accelerator, model: torch.nn.Module) -> 
     """
     from torch.distributed.fsdp import FSDPModule
 
-    keep = set(getattr(model, "_keep_in_fp32_modules_strict", None) or ())
-    units = [m for name, m in model.named_modules() if name.rpartition(".")[2] in keep and isinstance(m, FSDPModule)]
+    units = [module for module in float32_modules(model) if isinstance(module, FSDPModule)]
     for unit in units:
         unit.set_reshard_after_forward(False, recurse=False)
     try:
