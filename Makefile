@@ -67,6 +67,7 @@ bench: setup
 	$(BIN)/python benchmarks/bench_train_step.py --threads 1
 	$(BIN)/python benchmarks/bench_peer_mhc.py --threads 1
 	$(BIN)/python benchmarks/bench_memory.py
+	$(BIN)/python benchmarks/bench_fsdp_memory.py
 	$(BIN)/python benchmarks/bench_stream_update.py
 	$(BIN)/python benchmarks/bench_generate.py --threads 1
 

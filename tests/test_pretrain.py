@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -144,7 +145,7 @@ def start_run(args: list[str], log: Path, *, pause_in_save_of: str = "") -> subp
     """``training/pretrain.py ARGS`` in a child process, stdout piped, stderr to ``log``; with ``pause_in_save_of``, the
     child waits inside ``save_state`` of that checkpoint directory (``tests/resume.py``)."""
     if pause_in_save_of:
-        command = [sys.executable, "-m", "tests.resume", "training.pretrain", pause_in_save_of, *args]
+        command = [sys.executable, "-m", "tests.resume", f"--pause-in={pause_in_save_of}", "training.pretrain", *args]
     else:
         command = [sys.executable, "training/pretrain.py", *args]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
@@ -152,12 +153,15 @@ def start_run(args: list[str], log: Path, *, pause_in_save_of: str = "") -> subp
         return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=stderr, text=True)
 
 
-def kill_when(process: subprocess.Popen, marker: str, log: Path) -> str:
-    """SIGKILL ``process`` as soon as it prints a line containing ``marker``; returns that line."""
+def kill_when(process: subprocess.Popen, marker: str, log: Path, *, kill: Callable[[], None] | None = None) -> str:
+    """SIGKILL ``process`` (or call ``kill``) as soon as it prints a line containing ``marker``; returns that line."""
     line = ""
     for line in process.stdout:
         if marker in line:
-            process.send_signal(signal.SIGKILL)
+            if kill is None:
+                process.send_signal(signal.SIGKILL)
+            else:
+                kill()
             break
     process.wait()
     assert process.returncode == -signal.SIGKILL, f"the run ended before it printed {marker!r}:\n{log.read_text()[-3000:]}"

@@ -35,6 +35,7 @@ Guarantees:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -52,7 +53,9 @@ from accelerate.utils import (
     DataLoaderConfiguration,
     GradientAccumulationPlugin,
     ProjectConfiguration,
+    compare_versions,
     parse_choice_from_env,
+    parse_flag_from_env,
     set_seed,
 )
 from tqdm.auto import tqdm
@@ -63,6 +66,10 @@ from hf_jpmhc.ops.cpu import keep_freed_memory
 from hf_jpmhc.outputs import STAGING_PREFIX, atomic_write_text, ordinary_permissions, staged_directory
 
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
+# The first accelerate whose FSDP2 trains these models correctly (tests/test_fsdp.py): 1.10–1.12 load a sharded
+# optimizer checkpoint into an empty state dict (a resumed run restarts AdamW's moments), and before 1.10 the
+# optimizer is remapped by data_ptr(), which is 0 for every parameter sharded before `prepare` (float32_units).
+FSDP_MIN_ACCELERATE = "1.13"
 CHECKPOINT_PREFIX = "checkpoint-"
 
 LossFn = Callable[[torch.nn.Module, dict], tuple[torch.Tensor, int]]  # (model, batch) → (mean loss, items in batch)
@@ -162,18 +169,19 @@ def build_accelerator(
 ) -> Accelerator:
     """An ``Accelerator`` with gradient accumulation, a mixed-precision flag, seedable data order and split batches.
 
-    ``mixed_precision`` is "no", "fp16" or "bf16" (autocast; master weights stay float32), or None for Accelerate's
-    own setting (``accelerate launch --mixed_precision``, its config file), else "no": an explicit value overrides
-    the launcher's. None is resolved here as Accelerate resolves it, so that the Accelerator always gets an explicit
-    value: Accelerate's state is process-wide, and given None a second Accelerator in the same process would keep
-    whatever precision the first one fixed, where a different explicit value raises. fp16 on CPU is refused:
-    Accelerate enables autocast for it only on accelerators, so it would train in plain float32 (on CPU, bf16 is the
-    mixed precision that autocasts). The data order
-    of epoch e is seeded by ``seed + e``; TensorBoard logs go to ``output_dir/logs`` when it is installed.
+    ``mixed_precision`` is "no", "fp16" or "bf16" (autocast, or under FSDP2 the cast of its ``MixedPrecisionPolicy``;
+    master weights stay float32), or None for Accelerate's own setting (``accelerate launch --mixed_precision``, its
+    config file), else "no": an explicit value overrides the launcher's. None is resolved here as Accelerate resolves
+    it, so that the Accelerator always gets an explicit value: Accelerate's state is process-wide, and given None a
+    second Accelerator in the same process would keep whatever precision the first one fixed, where a different
+    explicit value raises. fp16 on CPU is refused: Accelerate enables autocast for it only on accelerators, so it
+    would train in plain float32 (on CPU, bf16 is the mixed precision that autocasts). The data order of epoch e is
+    seeded by ``seed + e``; TensorBoard logs go to ``output_dir/logs`` when it is installed.
     On a machine with no accelerator device, ``cpu=True`` lets processes started by ``accelerate launch
     --multi_gpu`` (torchrun) join a gloo process group: Accelerate only forms a CPU group when told ``cpu``;
-    and glibc is told to keep freed memory (``hf_jpmhc.ops.cpu.keep_freed_memory``), so that the buffers a
-    step reallocates are not page-faulted in again at every step.
+    a launch with an FSDP config (``training/configs/fsdp_cpu.yaml``) then shards with FSDP2 on CPU
+    (``enable_fsdp_on_cpu``); and glibc is told to keep freed memory (``hf_jpmhc.ops.cpu.keep_freed_memory``), so
+    that the buffers a step reallocates are not page-faulted in again at every step.
     """
     if mixed_precision is None:  # what `accelerate launch` exports from its flag or config file
         mixed_precision = parse_choice_from_env("ACCELERATE_MIXED_PRECISION", "no")
@@ -181,6 +189,7 @@ def build_accelerator(
         raise ValueError(f"mixed_precision must be one of {MIXED_PRECISIONS}, got {mixed_precision!r}")
     if gradient_accumulation_steps < 1:
         raise ValueError(f"gradient_accumulation_steps must be >= 1, got {gradient_accumulation_steps}")
+    check_fsdp_launch()
     output_dir = Path(output_dir)
     cpu = not torch.accelerator.is_available()
     if cpu:
@@ -198,7 +207,135 @@ def build_accelerator(
     if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
         raise ValueError("mixed_precision='fp16' does not autocast on CPU (Accelerate would train in float32); "
                          "use mixed_precision='bf16' on CPU, or fp16 on a GPU")  # fmt: skip
+    if cpu and fsdp_launched():
+        enable_fsdp_on_cpu(accelerator)
     return accelerator
+
+
+def fsdp_launched() -> bool:
+    """Whether ``accelerate launch`` was given an FSDP config (its launcher sets ``ACCELERATE_USE_FSDP``)."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+
+
+def check_fsdp_launch() -> None:
+    """ValueError unless an FSDP launch is one these scripts train correctly: accelerate >= ``FSDP_MIN_ACCELERATE``,
+    FSDP2 (FSDP1 would cast the float32 hyper-connections to bf16), no ``fsdp_cpu_ram_efficient_loading`` (see
+    ``float32_units``)."""
+    if not fsdp_launched():
+        return
+    if compare_versions("accelerate", "<", FSDP_MIN_ACCELERATE):
+        raise ValueError(f"FSDP needs accelerate >= {FSDP_MIN_ACCELERATE} (older versions resume FSDP2 with fresh "
+                         "optimizer moments): pip install -U accelerate")  # fmt: skip
+    if os.environ.get("FSDP_VERSION", "1") != "2":
+        raise ValueError("the accelerate config selects FSDP version 1; training/ shards with FSDP2 only: set "
+                         "fsdp_version: 2 in its fsdp_config")  # fmt: skip
+    if parse_flag_from_env("FSDP_CPU_RAM_EFFICIENT_LOADING"):
+        raise ValueError("the accelerate config sets fsdp_cpu_ram_efficient_loading (true unless set); set it to "
+                         "false: every process builds the model, and its float32 units are sharded before "
+                         "Accelerate's")  # fmt: skip
+
+
+def enable_fsdp_on_cpu(accelerator: Accelerator) -> None:
+    """Make ``accelerator`` shard with FSDP on a CPU (gloo) process group, as it does on GPUs.
+
+    Accelerate forms an FSDP state only on accelerator devices: ``AcceleratorState`` sets ``DistributedType.FSDP``
+    and keeps the plugin it built from the launcher's ``FSDP_*`` variables in its multi-GPU branch, and drops
+    them for ``cpu=True`` — an FSDP launch on CPU would silently train with DDP. torch's FSDP2 (``fully_shard``)
+    runs on CPU over gloo, so this sets what that branch sets: the plugin, with the mixed-precision policy, and
+    the distributed type of ``AcceleratorState`` and ``PartialState`` (the latter is copied into every new
+    ``AcceleratorState()``). Everything else — sharding, sharded checkpoints, the gathered state dict — is
+    Accelerate's FSDP2 code, unchanged.
+    """
+    from accelerate import PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    plugin = FullyShardedDataParallelPlugin()  # from the launcher's FSDP_* environment
+    if accelerator.mixed_precision != "no":
+        plugin.set_mixed_precision(accelerator.mixed_precision)
+    accelerator.state.fsdp_plugin = plugin
+    accelerator.state.distributed_type = PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+
+
+def prepare_fsdp_units(accelerator: Accelerator, model: torch.nn.Module) -> torch.nn.Module:
+    """Under FSDP2, the FSDP units Accelerate's wrapping would get wrong for these models; a no-op otherwise. Call it
+    before the optimizer is built (it replaces the float32 modules' parameters by their shards).
+
+    Accelerate wraps every class of ``_no_split_modules`` present in the model (``TRANSFORMER_BASED_WRAP``), then the
+    input embedding and, as the "tail", the final norm and the output embedding, then the model.
+
+    * ``float32_units``: the modules kept in float32 get their own units that never cast their parameters.
+    * ``layer_classes_without_the_input_embedding``: a class holding the input embedding (ViT's ``ViTEmbeddings``)
+      is left out of the layer classes; Accelerate (>= 1.14) would wrap it and then wrap the embedding inside it again,
+      which ``fully_shard`` refuses — any ViT, ours or transformers', fails so. The embedding gets its own unit;
+      the rest of that module (CLS token, position embeddings) stays with the model's.
+    """
+    if not getattr(accelerator, "is_fsdp2", False):  # (absent before accelerate 1.6)
+        return model
+    plugin = accelerator.state.fsdp_plugin
+    if plugin.transformer_cls_names_to_wrap is None:  # not chosen in the config: Accelerate's default, corrected
+        plugin.transformer_cls_names_to_wrap = layer_classes_without_the_input_embedding(model)
+    float32_units(model, plugin)
+    return model
+
+
+def layer_classes_without_the_input_embedding(model: torch.nn.Module) -> list[str]:
+    """The model's ``_no_split_modules`` classes that it contains, except those containing its input embedding."""
+    embedding = model.get_input_embeddings()
+    found = {type(m).__name__: m for m in model.modules()}
+    return [name for name in model._no_split_modules or ()
+            if name in found and not any(m is embedding for m in found[name].modules())]  # fmt: skip
+
+
+def float32_units(model: torch.nn.Module, plugin) -> None:
+    """Give each module ``model`` keeps in float32 its own FSDP2 unit with the default policy (no casting).
+
+    ``_keep_in_fp32_modules_strict`` names the modules transformers loads in float32 whatever the ``dtype`` (for
+    JPmHC: the hyper-connections and the stream collapse, SPEC §1). Accelerate wraps each decoder layer in one FSDP
+    unit whose ``MixedPrecisionPolicy`` casts every parameter it gathers to ``param_dtype`` (bf16) — the
+    hyper-connections' too. Wrapped first, they form units whose float32 parameters are gathered, used and their
+    gradients reduced in float32, and whose inputs are left in the caller's dtype; Accelerate's wrapping then skips
+    them, and the layer's unit holds the rest. A hyper-connection is called through ``read`` and ``write``, not
+    ``forward``: those are registered as its FSDP forward methods.
+
+    This is why ``fsdp_cpu_ram_efficient_loading`` must be off: Accelerate would then move the model to the meta
+    device and broadcast full tensors from process 0, which units sharded here are not.
+    """
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+
+    for module in float32_modules(model):
+        fully_shard(module, reshard_after_forward=plugin.reshard_after_forward, offload_policy=plugin.cpu_offload)
+        for method in ("read", "write"):
+            if hasattr(module, method):
+                register_fsdp_forward_method(module, method)
+
+
+def float32_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The submodules ``model`` keeps in float32: those named (last name component) in
+    ``_keep_in_fp32_modules_strict``."""
+    keep = set(getattr(model, "_keep_in_fp32_modules_strict", None) or ())
+    return [module for name, module in model.named_modules() if name.rpartition(".")[2] in keep]
+
+
+@contextlib.contextmanager
+def float32_units_gathered(accelerator: Accelerator, model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """``with float32_units_gathered(accelerator, model) as model:`` — under FSDP2 the float32 units
+    (``float32_units``) keep their parameters gathered from their first use in the block to its end, then are
+    sharded again; a no-op otherwise (collective).
+
+    The H-dynamics monitor reads each hyper-connection's parameters after its ``read`` has returned
+    (``hf_jpmhc.diagnostics.dynamics``), when FSDP would already have sharded them again.
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    units = [module for module in float32_modules(model) if isinstance(module, FSDPModule)]
+    for unit in units:
+        unit.set_reshard_after_forward(False, recurse=False)
+    try:
+        yield model
+    finally:
+        for unit in units:
+            unit.reshard()
+            unit.set_reshard_after_forward(accelerator.state.fsdp_plugin.reshard_after_forward, recurse=False)
 
 
 def tensorboard_available() -> bool:
@@ -474,7 +611,8 @@ def train_loop(
                 record["grad_norm"] = float(grad_norm)
             if monitor is not None:
                 start = time.perf_counter()
-                record.update(monitor(accelerator.unwrap_model(model), state.step))
+                with float32_units_gathered(accelerator, accelerator.unwrap_model(model)) as unwrapped:
+                    record.update(monitor(unwrapped, state.step))
                 record["monitor_seconds"] = time.perf_counter() - start
             progress.set_postfix(loss=f"{record['loss']:.4f}")
         if evaluate is not None and (state.step == max_steps or (eval_every and state.step % eval_every == 0)):
@@ -544,11 +682,31 @@ def save_final_model(accelerator: Accelerator, model: torch.nn.Module, directory
     state_dict = accelerator.get_state_dict(model)
     if accelerator.is_main_process:
         with staged_directory(directory, overwrite=True) as staging:
-            unwrapped = accelerator.unwrap_model(model)
-            unwrapped.save_pretrained(staging, state_dict=state_dict)
+            saved = model_to_save(accelerator.unwrap_model(model))
+            saved.save_pretrained(staging, state_dict=state_dict)
             if preprocessor is not None:
                 preprocessor.save_pretrained(staging)
-            if isinstance(unwrapped.config, HyperConnectionConfig):  # the card template describes JPmHC checkpoints
-                build_model_card(unwrapped, **card_kwargs).save(staging / "README.md")
+            if isinstance(saved.config, HyperConnectionConfig):  # the card template describes JPmHC checkpoints
+                build_model_card(saved, **card_kwargs).save(staging / "README.md")
     accelerator.wait_for_everyone()
     return Path(directory)
+
+
+def model_to_save(model: torch.nn.Module) -> torch.nn.Module:
+    """``model``, or under FSDP2 a weightless (meta-device) instance of its own class with its config and
+    generation config — what ``save_pretrained(state_dict=...)`` and the model card need.
+
+    ``fully_shard`` changes a module's class to a subclass ``FSDP<Class>`` defined in torch: ``save_pretrained`` of
+    a remote-code model would copy torch's ``_fsdp_*.py`` files as the checkpoint's code and point ``auto_map`` at
+    ``_fsdp_init.FSDPJPmHCForCausalLM``, and the card would name that class.
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    if not isinstance(model, FSDPModule):
+        return model
+    own_class = next(c for c in type(model).__mro__ if not issubclass(c, FSDPModule))
+    with torch.device("meta"):
+        plain = own_class(model.config)
+    if getattr(model, "generation_config", None) is not None:
+        plain.generation_config = model.generation_config
+    return plain

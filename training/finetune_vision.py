@@ -5,6 +5,7 @@
     python training/finetune_vision.py --init_from path/to/vit --model jpmhc --mixer sinkhorn  # convert, then fine-tune
     python training/finetune_vision.py ... --resume                                           # continue after a kill
     accelerate launch --num_processes 2 --cpu training/finetune_vision.py ...                 # DDP (gloo on CPU)
+    accelerate launch --config_file training/configs/fsdp_cpu.yaml training/finetune_vision.py ...  # FSDP2
 
 Checkpoints, exact resume, JSONL logging, the progress bar and the Hub-ready final save are
 ``training/common.py``'s, shared with ``training/pretrain.py``. Settings: the dataclass ``FinetuneVisionConfig``
@@ -60,6 +61,7 @@ from training.common import (  # noqa: E402
     build_scheduler,
     check_ranges,
     parse_script_config,
+    prepare_fsdp_units,
     save_final_model,
     seed_everything,
     train_loop,
@@ -287,6 +289,7 @@ def main(argv: list[str] | None = None) -> dict:
     model, base_model = build_model(config, image_size, labels)
     train_loader = DataLoader(with_pixel_values(train, processor), batch_size=config.batch_size, shuffle=True, drop_last=True)
     test_loader = DataLoader(with_pixel_values(test, processor), batch_size=4 * config.batch_size)
+    model = prepare_fsdp_units(accelerator, model)  # FSDP2 only; before the optimizer sees the parameters
     optimizer = build_optimizer(model, learning_rate=config.learning_rate, weight_decay=config.weight_decay,
                                 betas=(config.adam_beta1, config.adam_beta2), hc_lr_scale=config.hc_lr_scale,
                                 hc_weight_decay=config.hc_weight_decay)  # fmt: skip

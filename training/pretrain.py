@@ -2,7 +2,8 @@
 
     python training/pretrain.py --config training/configs/demo.yaml                  # the README demo
     accelerate launch --num_processes 2 --cpu training/pretrain.py --config ...     # DDP (gloo on CPU)
-    accelerate launch --config_file training/configs/fsdp.yaml training/pretrain.py ...   # FSDP on GPUs
+    accelerate launch --config_file training/configs/fsdp.yaml training/pretrain.py ...   # FSDP2 on GPUs
+    accelerate launch --config_file training/configs/fsdp_cpu.yaml training/pretrain.py ...   # FSDP2, 2 CPU processes
     python training/pretrain.py --config training/configs/demo.yaml --resume       # continue after a kill
 
 Settings come from the dataclass ``PretrainConfig``: its defaults, then the YAML ``--config``, then
@@ -50,6 +51,7 @@ from training.common import (  # noqa: E402
     build_scheduler,
     check_ranges,
     parse_script_config,
+    prepare_fsdp_units,
     save_final_model,
     seed_everything,
     train_loop,
@@ -288,6 +290,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     train_loader = DataLoader(data["train"], batch_size=config.batch_size, shuffle=True, drop_last=True)
     val_loader = DataLoader(val, batch_size=config.batch_size)
 
+    model = prepare_fsdp_units(accelerator, model)  # FSDP2 only; before the optimizer sees the parameters
     optimizer = build_optimizer(model, learning_rate=config.learning_rate, weight_decay=config.weight_decay,
                                 betas=(config.adam_beta1, config.adam_beta2), hc_lr_scale=config.hc_lr_scale,
                                 hc_weight_decay=config.hc_weight_decay)  # fmt: skip

@@ -83,13 +83,17 @@ def observe_reads(model: nn.Module, observe: Callable[[str, HyperConnection, tor
     ``model`` reads the streams, for the duration of the block.
 
     Wraps each hyper-connection's ``read`` — an instance attribute, removed on exit — so what is observed is what
-    that layer computed from the streams it saw.
+    that layer computed from the streams it saw. A ``read`` that is already an instance attribute (FSDP2 registers
+    its forward methods so) is the one called, and it is restored on exit.
     """
     sites = hyper_connection_sites(model)
+    own = {name: hc.__dict__["read"] for name, hc in sites if "read" in hc.__dict__}
 
     def observed(name: str, hc: HyperConnection):
+        read_streams = hc.read
+
         def read(streams: torch.Tensor):
-            out = type(hc).read(hc, streams)
+            out = read_streams(streams)
             observe(name, hc, streams, out)
             return out
 
@@ -100,8 +104,11 @@ def observe_reads(model: nn.Module, observe: Callable[[str, HyperConnection, tor
             hc.read = observed(name, hc)
         yield
     finally:
-        for _, hc in sites:
-            hc.__dict__.pop("read", None)
+        for name, hc in sites:
+            if name in own:
+                hc.read = own[name]
+            else:
+                hc.__dict__.pop("read", None)
 
 
 @contextmanager
