@@ -197,5 +197,6 @@ def test_smollm2_conversion_is_function_preserving(smollm2, mixer):
     assert difference <= SMOLLM2_LOGIT_TOLERANCE
     generate = dict(max_new_tokens=3, do_sample=False)
     expected, actual = source.generate(**prompt, **generate), converted.generate(**prompt, **generate)
-    assert torch.equal(actual, expected)
+    assert torch.equal(actual, expected)  # with the KV cache (generate's default)
+    assert torch.equal(converted.generate(**prompt, **generate, use_cache=False), expected)
     assert tokenizer.decode(actual[0, prompt.input_ids.shape[1] :]).startswith(" Berlin")

@@ -1,11 +1,14 @@
 """What holds the backends together, checked so that a change in one place cannot silently leave another behind:
 the C++ loops are compiled with the Python constants (and contain no copies of them), the C++ passes mirror the
-torch passes by name and signature, and every fast path a mixer declares is one its backend knows."""
+torch passes by name and signature, every fast path a mixer declares is one its backend knows, and a killed build
+cannot leave the extension loader waiting forever."""
 
 from __future__ import annotations
 
 import inspect
+import os
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -79,3 +82,19 @@ def test_the_mixers_with_fast_paths_declare_them():
     assert declared[("stiefel", "{'cayley_method': 'iterative'}")] == (False, True)
     assert declared[("kronecker", "{}")] == (True, False)
     assert declared[("sinkhorn", "{'sinkhorn_backward': 'unrolled'}")] == (True, False)
+
+
+def test_a_killed_builds_lock_is_removed_and_a_running_builds_is_kept(tmp_path, monkeypatch):
+    """torch's extension loader waits, without a word, for as long as a build's lock file exists."""
+    from torch.utils.cpp_extension import _get_build_directory
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    locks = {name: Path(_get_build_directory(name, verbose=False)) / "lock" for name in ("killed", "running")}
+    for lock in locks.values():
+        lock.touch()
+    stale = time.time() - 2 * cpu.STALE_BUILD_LOCK_SECONDS
+    os.utime(locks["killed"], (stale, stale))
+    with pytest.warns(UserWarning, match="interrupted build"):
+        cpu.remove_stale_build_lock("killed")
+    cpu.remove_stale_build_lock("running")
+    assert not locks["killed"].exists() and locks["running"].exists()

@@ -11,19 +11,22 @@ fake implementations, so they compose with ``torch.compile`` and with module hoo
 together); each returns None where its loop does not apply — inputs not float32 on CPU, a mixer not given per
 token, a mixer without C++ maths, or no C++ build — and the compiled backend then runs inductor's code. The
 extension is built at first use by ``torch.utils.cpp_extension`` (a C++ compiler, as inductor needs, and ninja;
-cached under ``TORCH_EXTENSIONS_DIR``), with the numerical constants of ``NUMERICS`` passed as -D flags; if the
-build fails it warns once and everything runs on inductor.
+cached under ``TORCH_EXTENSIONS_DIR`` in a directory named by a hash of the source and flags), with the numerical
+constants of ``NUMERICS`` passed as -D flags; if the build fails it warns once and everything runs on inductor. A
+lock left by a killed build is removed after ``STALE_BUILD_LOCK_SECONDS`` (torch would wait for it forever).
 
 ``keep_freed_memory`` is the process-wide allocator setting that CPU training scripts apply (see there).
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import hashlib
 import os
 import platform
+import time
 import warnings
 
 import torch
@@ -73,6 +76,7 @@ def build_flags() -> list[str]:
     return [*defines, "-DHF_NUMERICS=" + ",".join(f"HF_{name}" for name in NUMERICS)]
 
 
+STALE_BUILD_LOCK_SECONDS = 600  # a build lock older than this was left by a killed build
 OPS = None  # torch.ops.hf_jpmhc once load() has built and loaded the extension
 _LOAD_TRIED = False
 
@@ -93,10 +97,11 @@ def load():
     # of hf_jpmhc (two venvs, two checkouts) sharing TORCH_EXTENSIONS_DIR would rebuild it in turn and could load
     # each other's library between a build and a load.
     with open(source, "rb") as file:
-        digest = hashlib.sha256(file.read() + " ".join(cflags).encode()).hexdigest()[:12]
+        name = "hf_jpmhc_cpu_" + hashlib.sha256(file.read() + " ".join(cflags).encode()).hexdigest()[:12]
     try:
+        remove_stale_build_lock(name)
         build_and_load(
-            name=f"hf_jpmhc_cpu_{digest}",
+            name=name,
             sources=[source],
             extra_cflags=cflags,
             extra_ldflags=["-fopenmp"],
@@ -109,6 +114,18 @@ def load():
     _register_fakes()
     OPS = torch.ops.hf_jpmhc
     return OPS
+
+
+def remove_stale_build_lock(name: str) -> None:
+    """Remove the build lock of extension ``name`` left by a build that was killed (a build takes under a minute):
+    torch's extension loader would otherwise wait for it forever, without a word."""
+    from torch.utils.cpp_extension import _get_build_directory
+
+    lock = os.path.join(_get_build_directory(name, verbose=False), "lock")
+    if os.path.exists(lock) and time.time() - os.path.getmtime(lock) > STALE_BUILD_LOCK_SECONDS:
+        warnings.warn(f"removing {lock}, left by an interrupted build of hf_jpmhc's C++ CPU kernels", stacklevel=3)
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(lock)
 
 
 def _register_fakes() -> None:
