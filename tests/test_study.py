@@ -42,6 +42,8 @@ def test_results_file_report_and_docs_summary(finished):
 
     report = (output_dir / "report.md").read_text()
     assert "| stiefel | stiefel | 2 |" in report and "Δ vs stiefel (paired)" in report
+    delta = runs[2]["final_val_loss"] - runs[3]["final_val_loss"], runs[0]["final_val_loss"] - runs[1]["final_val_loss"]
+    assert f"| stiefel − sinkhorn | 2 | {sum(delta) / 2:.4f} ± " in report  # the claims' paired contrast
     summary = json.loads((docs / "smoke_study.json").read_text())
     assert len(summary) == 4 and all("curves" not in r and r["study"] == "smoke" for r in summary)
     assert {p.name for p in (docs / "figures" / "smoke").iterdir()} == {"loss.png", "h_distance.png", "amax.png", "final.png"}

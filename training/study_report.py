@@ -181,6 +181,33 @@ def setting_table(spec: dict, stats: dict[str, dict], target: float) -> str:
     return "\n".join(lines)
 
 
+# The pairs the JPmHC paper's claims compare (orthogonal vs bistochastic, Grassmann between them), first minus second.
+CLAIM_CONTRASTS = (("stiefel", "sinkhorn"), ("grassmann", "sinkhorn"), ("stiefel", "grassmann"))
+
+
+def contrast_table(arms: dict[str, list[dict]]) -> str | None:
+    """Paired differences (same seed) between the arms of ``CLAIM_CONTRASTS`` present in the setting: final
+    loss (or accuracy) and steps to target, each with its 95% interval, and whether the interval excludes 0."""
+    vision = "accuracy" in next(iter(arms.values()))[0]
+    key, what = ("accuracy", "Δ test accuracy %") if vision else ("final_val_loss", "Δ final val loss")
+    scale, digits = (100, 2) if vision else (1, 4)
+    lines = []
+    for first, second in (pair for pair in CLAIM_CONTRASTS if set(pair) <= arms.keys()):
+        a, b = ({r["seed"]: r for r in arms[arm]} for arm in (first, second))
+        seeds = sorted(a.keys() & b.keys())
+        delta = interval([a[s][key] - b[s][key] for s in seeds])
+        steps = interval([a[s]["steps_to_target"] - b[s]["steps_to_target"] for s in seeds
+                          if a[s].get("steps_to_target") is not None and b[s].get("steps_to_target") is not None])
+        mean, half = delta
+        better = first if (mean > 0) == vision else second
+        verdict = "—" if half is None else ("not separable from seed noise" if abs(mean) <= half else f"{better} better")
+        lines.append(f"| {first} − {second} | {len(seeds)} | {_pm(delta, digits, scale)} | {_pm(steps, 0)} | {verdict} |")
+    if not lines:
+        return None
+    header = f"| contrast | seeds | {what} (95% CI) | Δ steps to target | verdict |\n|---|---|---|---|---|"
+    return "\n".join([header, *lines])
+
+
 # ----------------------------------------------------------------------------------------------------
 # figures
 # ----------------------------------------------------------------------------------------------------
@@ -340,6 +367,9 @@ def write_report(output_dir: str | Path, docs: str | Path | None = None) -> dict
             line += "; test accuracy plateaued (last 3 evaluations within 0.3 points): " + ", ".join(
                 f"{arm} {'yes' if ok else 'no'}" for arm, ok in flat.items())  # fmt: skip
         sections.append(f"## {title}\n\n{line}\n\n{setting_table(spec, arm_stats, targets[setting])}\n")
+        contrasts = contrast_table(groups[setting])
+        if contrasts:
+            sections.append(f"Paired contrasts of the claims ({title}):\n\n{contrasts}\n")
     overhead = [r["monitor_overhead"] for r in runs if r.get("monitor_overhead") is not None]
     if overhead:
         sections.append(f"H-dynamics logging took a median {100 * statistics.median(overhead):.1f}% "
